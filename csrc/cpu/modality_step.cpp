@@ -1,0 +1,471 @@
+// Op family A on the CPU: the fused, multi-tensor, per-modality gradient-modulated AdamW and SGD
+// steps. The maths is in ../modality_step.h; the noise in ../philox.h.
+//
+// Work is split into chunks of kChunk elements across all tensors of the call, run with
+// at::parallel_for; inside a chunk, blocks of kBlock elements first build the modulated gradient
+// (noise and anchor included) in a small L1-resident buffer, then apply the optimizer update in
+// one branch-free loop. With noise on, a first parallel pass computes each tensor's unbiased
+// gradient std from per-chunk (count, mean, M2) partials merged with Chan's formula, in double.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../modality_step.h"
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+// Built once for AVX2+FMA and once generic; the loader picks the clone the CPU can run.
+#define MMCL_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define MMCL_INLINE inline __attribute__((always_inline))
+#else
+#define MMCL_CPU_CLONES
+#define MMCL_INLINE inline
+#endif
+
+namespace mmcl_fast {
+namespace {
+
+constexpr int64_t kBlock = 1024;      // elements whose noise is drawn at once (multiple of 4)
+constexpr int64_t kChunk = 64 * kBlock;  // elements per parallel work item
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+std::vector<Chunk> make_chunks(const at::TensorList params) {
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < static_cast<int64_t>(params.size()); ++t) {
+    const int64_t n = params[t].numel();
+    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({t, b, std::min(n, b + kChunk)});
+  }
+  return chunks;
+}
+
+// log(x) for x in (0, 1]: exponent from the bits, mantissa folded into [sqrt(1/2), sqrt(2)) and
+// log(m) = 2 atanh((m-1)/(m+1)) by its odd series; |error| < 2e-7. Written branch-free so that
+// the loop around it vectorises.
+MMCL_INLINE float log_unit(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  int32_t e = static_cast<int32_t>((bits >> 23) & 0xffu) - 127;
+  uint32_t mbits = (bits & 0x7fffffu) | 0x3f800000u;
+  float m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  const bool big = m > 1.41421356f;
+  m = big ? 0.5f * m : m;
+  e = big ? e + 1 : e;
+  const float t = (m - 1.0f) / (m + 1.0f);
+  const float t2 = t * t;
+  const float series =
+      t * (2.0f + t2 * (0.666666667f + t2 * (0.4f + t2 * (0.285714286f + t2 * 0.222222222f))));
+  return static_cast<float>(e) * 0.693147181f + series;
+}
+
+// sin and cos of 2*pi*u for u in (0, 1): quadrant q = round(4u), remainder r in [-pi/4, pi/4],
+// Taylor polynomials to r^9 / r^8 (|error| < 3e-8), then the quadrant's swap and signs.
+MMCL_INLINE void sincos_2pi(float u, float& s, float& c) {
+  const float qf = std::nearbyint(4.0f * u);
+  const float r = (u - 0.25f * qf) * 6.28318531f;
+  const float r2 = r * r;
+  const float sr =
+      r * (1.0f + r2 * (-1.6666667e-1f + r2 * (8.3333333e-3f + r2 * (-1.9841270e-4f + r2 * 2.7557319e-6f))));
+  const float cr =
+      1.0f + r2 * (-0.5f + r2 * (4.1666667e-2f + r2 * (-1.3888889e-3f + r2 * 2.4801587e-5f)));
+  const int32_t q = static_cast<int32_t>(qf) & 3;
+  const float ss = (q & 1) ? cr : sr;
+  const float cc = (q & 1) ? sr : cr;
+  s = (q & 2) ? -ss : ss;
+  c = ((q + 1) & 2) ? -cc : cc;
+}
+
+struct NoiseKey {
+  uint32_t seed_lo, seed_hi, tensor_id, step;
+};
+
+// Standard normals for elements [begin, begin + kBlock) of one tensor; begin is a multiple of 4.
+MMCL_INLINE void fill_normal_block(float* out, int64_t begin, const NoiseKey& key) {
+  uint32_t w[4][kBlock / 4];
+  const uint64_t g0 = static_cast<uint64_t>(begin) / 4;
+  for (int64_t i = 0; i < kBlock / 4; ++i) {
+    const uint64_t g = g0 + static_cast<uint64_t>(i);
+    const Philox4 r = philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32),
+                                    key.tensor_id, key.step, key.seed_lo, key.seed_hi);
+    w[0][i] = r.x[0];
+    w[1][i] = r.x[1];
+    w[2][i] = r.x[2];
+    w[3][i] = r.x[3];
+  }
+  for (int64_t i = 0; i < kBlock / 4; ++i) {
+    for (int pair = 0; pair < 2; ++pair) {
+      const float ua = philox_uniform24(w[2 * pair][i]);
+      const float ub = philox_uniform24(w[2 * pair + 1][i]);
+      const float rad = std::sqrt(-2.0f * log_unit(ua));
+      float s, c;
+      sincos_2pi(ub, s, c);
+      out[4 * i + 2 * pair] = rad * c;
+      out[4 * i + 2 * pair + 1] = rad * s;
+    }
+  }
+}
+
+// What one tensor of the call needs besides its own storage.
+template <typename scalar_t>
+struct TensorJob {
+  scalar_t* p;
+  const scalar_t* g;
+  scalar_t* s0;  // AdamW: exp_avg; SGD: momentum buffer (or null)
+  scalar_t* s1;  // AdamW: exp_avg_sq
+  scalar_t* s2;  // AdamW: max_exp_avg_sq (or null)
+  const scalar_t* anchor;  // null when the tensor has none
+  const scalar_t* anchor_w;  // null: weight 1
+  int64_t anchor_numel;
+  int64_t anchor_w_stride;  // elements per weight entry: anchor_numel / numel(weight)
+  float sigma;
+  AdamWScalars adam;
+  bool first_step;
+  NoiseKey key;
+};
+
+// g' for elements [b0, b0 + n) of one tensor into gbuf (the modulated gradient of the header).
+template <typename scalar_t, bool NOISE, bool ANCHOR>
+MMCL_INLINE void modulated_grad_block(scalar_t* gbuf, const TensorJob<scalar_t>& j, int64_t b0,
+                                      int64_t n, scalar_t k, float lambda2) {
+  const scalar_t* g = j.g + b0;
+  if (NOISE) {
+    float noise[kBlock];
+    fill_normal_block(noise, b0, j.key);
+    const scalar_t sigma = static_cast<scalar_t>(j.sigma);
+    for (int64_t i = 0; i < n; ++i) gbuf[i] = k * g[i] + sigma * static_cast<scalar_t>(noise[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) gbuf[i] = k * g[i];
+  }
+  if (ANCHOR && b0 < j.anchor_numel) {
+    const int64_t na = std::min(n, j.anchor_numel - b0);
+    const scalar_t* p = j.p + b0;
+    const scalar_t* a = j.anchor + b0;
+    const scalar_t l2 = static_cast<scalar_t>(lambda2);
+    if (j.anchor_w == nullptr) {
+      for (int64_t i = 0; i < na; ++i) gbuf[i] += l2 * (p[i] - a[i]);
+    } else if (j.anchor_w_stride == 1) {
+      const scalar_t* w = j.anchor_w + b0;
+      for (int64_t i = 0; i < na; ++i) gbuf[i] += l2 * w[i] * (p[i] - a[i]);
+    } else {
+      for (int64_t i = 0; i < na; ++i)
+        gbuf[i] += l2 * j.anchor_w[(b0 + i) / j.anchor_w_stride] * (p[i] - a[i]);
+    }
+  }
+}
+
+template <typename scalar_t, bool NOISE, bool ANCHOR, bool AMSGRAD>
+MMCL_INLINE void adamw_chunk(const TensorJob<scalar_t>& j, int64_t begin, int64_t end, scalar_t k,
+                             float lambda2) {
+  scalar_t gbuf[kBlock];
+  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+    const int64_t n = std::min(kBlock, end - b0);
+    modulated_grad_block<scalar_t, NOISE, ANCHOR>(gbuf, j, b0, n, k, lambda2);
+    scalar_t* __restrict__ p = j.p + b0;
+    scalar_t* __restrict__ m = j.s0 + b0;
+    scalar_t* __restrict__ v = j.s1 + b0;
+    scalar_t* __restrict__ vmax = AMSGRAD ? j.s2 + b0 : nullptr;
+    scalar_t unused = 0;
+    for (int64_t i = 0; i < n; ++i)
+      p[i] = adamw_element<AMSGRAD, scalar_t>(p[i], gbuf[i], m[i], v[i],
+                                              AMSGRAD ? vmax[i] : unused, j.adam);
+  }
+}
+
+template <typename scalar_t, bool NOISE, bool ANCHOR, bool MOMENTUM>
+MMCL_INLINE void sgd_chunk(const TensorJob<scalar_t>& j, int64_t begin, int64_t end, scalar_t k,
+                           float lambda2, const SGDScalars& s) {
+  scalar_t gbuf[kBlock];
+  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+    const int64_t n = std::min(kBlock, end - b0);
+    modulated_grad_block<scalar_t, NOISE, ANCHOR>(gbuf, j, b0, n, k, lambda2);
+    scalar_t* __restrict__ p = j.p + b0;
+    scalar_t* __restrict__ buf = MOMENTUM ? j.s0 + b0 : nullptr;
+    scalar_t unused = 0;
+    const bool first = j.first_step;
+    for (int64_t i = 0; i < n; ++i)
+      p[i] = sgd_element<MOMENTUM, scalar_t>(p[i], gbuf[i], MOMENTUM ? buf[i] : unused, first, s);
+  }
+}
+
+// One entry point per dtype and optimizer, cloned per instruction set; the flags pick one of the
+// fully specialised, branch-free loops inlined into it.
+template <typename scalar_t>
+MMCL_CPU_CLONES void adamw_chunk_dispatch(const TensorJob<scalar_t>& j, int64_t begin,
+                                          int64_t end, scalar_t k, float lambda2, bool noise,
+                                          bool anchor, bool amsgrad) {
+#define MMCL_ADAMW_CASE(N, A, S)                                                 \
+  if (noise == N && anchor == A && amsgrad == S) {                               \
+    adamw_chunk<scalar_t, N, A, S>(j, begin, end, k, lambda2);                   \
+    return;                                                                      \
+  }
+  MMCL_ADAMW_CASE(false, false, false)
+  MMCL_ADAMW_CASE(false, false, true)
+  MMCL_ADAMW_CASE(false, true, false)
+  MMCL_ADAMW_CASE(false, true, true)
+  MMCL_ADAMW_CASE(true, false, false)
+  MMCL_ADAMW_CASE(true, false, true)
+  MMCL_ADAMW_CASE(true, true, false)
+  MMCL_ADAMW_CASE(true, true, true)
+#undef MMCL_ADAMW_CASE
+}
+
+template <typename scalar_t>
+MMCL_CPU_CLONES void sgd_chunk_dispatch(const TensorJob<scalar_t>& j, int64_t begin, int64_t end,
+                                        scalar_t k, float lambda2, const SGDScalars& s, bool noise,
+                                        bool anchor, bool momentum) {
+#define MMCL_SGD_CASE(N, A, M)                                                   \
+  if (noise == N && anchor == A && momentum == M) {                              \
+    sgd_chunk<scalar_t, N, A, M>(j, begin, end, k, lambda2, s);                  \
+    return;                                                                      \
+  }
+  MMCL_SGD_CASE(false, false, false)
+  MMCL_SGD_CASE(false, false, true)
+  MMCL_SGD_CASE(false, true, false)
+  MMCL_SGD_CASE(false, true, true)
+  MMCL_SGD_CASE(true, false, false)
+  MMCL_SGD_CASE(true, false, true)
+  MMCL_SGD_CASE(true, true, false)
+  MMCL_SGD_CASE(true, true, true)
+#undef MMCL_SGD_CASE
+}
+
+// Unbiased std of each gradient (0 for fewer than two elements), from per-chunk partials.
+template <typename scalar_t>
+std::vector<float> gradient_sigmas(const at::TensorList grads, const std::vector<Chunk>& chunks) {
+  struct Partial {
+    double n, mean, m2;
+  };
+  std::vector<Partial> part(chunks.size());
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const Chunk& ch = chunks[c];
+      const scalar_t* g = grads[ch.tensor].const_data_ptr<scalar_t>();
+      double sum = 0.0;
+      for (int64_t i = ch.begin; i < ch.end; ++i) sum += static_cast<double>(g[i]);
+      const double n = static_cast<double>(ch.end - ch.begin);
+      const double mean = sum / n;
+      double m2 = 0.0;
+      for (int64_t i = ch.begin; i < ch.end; ++i) {
+        const double d = static_cast<double>(g[i]) - mean;
+        m2 += d * d;
+      }
+      part[c] = {n, mean, m2};
+    }
+  });
+  std::vector<Partial> total(grads.size(), Partial{0.0, 0.0, 0.0});
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    Partial& a = total[chunks[c].tensor];
+    const Partial& b = part[c];
+    const double n = a.n + b.n;
+    const double delta = b.mean - a.mean;
+    a.m2 += b.m2 + delta * delta * a.n * b.n / n;
+    a.mean += delta * b.n / n;
+    a.n = n;
+  }
+  std::vector<float> sigma(grads.size(), 0.0f);
+  for (size_t t = 0; t < grads.size(); ++t)
+    if (total[t].n > 1.0) sigma[t] = static_cast<float>(std::sqrt(total[t].m2 / (total[t].n - 1.0)));
+  return sigma;
+}
+
+float read_coefficient(const at::Tensor& coefficients, int64_t modality) {
+  if (modality < 0) return 1.0f;
+  TORCH_CHECK(modality < coefficients.numel(), "mmcl_fast: modality index ", modality,
+              " out of range for ", coefficients.numel(), " coefficients");
+  TORCH_CHECK(coefficients.scalar_type() == at::kFloat, "mmcl_fast: coefficients must be float32");
+  return coefficients.contiguous().const_data_ptr<float>()[modality];
+}
+
+void check_list(const at::TensorList ref, const at::TensorList other, const char* name) {
+  TORCH_CHECK(other.size() == ref.size(), "mmcl_fast: ", name, " has ", other.size(),
+              " tensors, params has ", ref.size());
+  for (size_t t = 0; t < ref.size(); ++t) {
+    TORCH_CHECK(other[t].sizes() == ref[t].sizes(), "mmcl_fast: ", name, "[", t,
+                "] has the wrong shape");
+    TORCH_CHECK(other[t].scalar_type() == ref[t].scalar_type(), "mmcl_fast: ", name, "[", t,
+                "] has the wrong dtype");
+    TORCH_CHECK(other[t].is_contiguous(), "mmcl_fast: ", name, "[", t, "] must be contiguous");
+    TORCH_CHECK(other[t].device().is_cpu(), "mmcl_fast: ", name, "[", t, "] must be on the CPU");
+  }
+}
+
+template <typename scalar_t>
+void fill_anchor(TensorJob<scalar_t>& j, const at::Tensor& p,
+                 const c10::List<std::optional<at::Tensor>>& anchors,
+                 const c10::List<std::optional<at::Tensor>>& weights, size_t t) {
+  j.anchor = nullptr;
+  j.anchor_w = nullptr;
+  j.anchor_numel = 0;
+  j.anchor_w_stride = 1;
+  if (anchors.size() == 0) return;
+  const std::optional<at::Tensor> a = anchors.get(t);
+  if (!a.has_value()) return;
+  TORCH_CHECK(a->scalar_type() == p.scalar_type() && a->is_contiguous() && a->device().is_cpu() &&
+                  a->numel() <= p.numel(),
+              "mmcl_fast: anchors[", t, "] must be a contiguous CPU tensor of the parameter's "
+              "dtype covering at most its elements");
+  j.anchor = a->const_data_ptr<scalar_t>();
+  j.anchor_numel = a->numel();
+  if (weights.size() == 0) return;
+  const std::optional<at::Tensor> w = weights.get(t);
+  if (!w.has_value()) return;
+  TORCH_CHECK(w->scalar_type() == p.scalar_type() && w->is_contiguous() && w->device().is_cpu() &&
+                  w->numel() > 0 && j.anchor_numel % w->numel() == 0,
+              "mmcl_fast: anchor_weights[", t, "] must hold 1, one per anchor row, or one per "
+              "anchor element values");
+  j.anchor_w = w->const_data_ptr<scalar_t>();
+  j.anchor_w_stride = j.anchor_numel / w->numel();
+}
+
+struct NoiseArgs {
+  bool on;
+  int64_t seed, step;
+  at::IntArrayRef tensor_ids;
+};
+
+template <typename scalar_t>
+std::vector<TensorJob<scalar_t>> make_jobs(const at::TensorList params, const at::TensorList grads,
+                                           const std::vector<Chunk>& chunks, const NoiseArgs& noise,
+                                           const c10::List<std::optional<at::Tensor>>& anchors,
+                                           const c10::List<std::optional<at::Tensor>>& weights) {
+  TORCH_CHECK(!noise.on || noise.tensor_ids.size() == params.size(),
+              "mmcl_fast: tensor_ids must have one id per parameter");
+  TORCH_CHECK(anchors.size() == 0 || anchors.size() == params.size(),
+              "mmcl_fast: anchors must be empty or have one entry per parameter");
+  TORCH_CHECK(weights.size() == 0 || weights.size() == params.size(),
+              "mmcl_fast: anchor_weights must be empty or have one entry per parameter");
+  std::vector<float> sigma =
+      noise.on ? gradient_sigmas<scalar_t>(grads, chunks) : std::vector<float>(params.size(), 0.f);
+  std::vector<TensorJob<scalar_t>> jobs(params.size());
+  for (size_t t = 0; t < params.size(); ++t) {
+    TensorJob<scalar_t>& j = jobs[t];
+    j.p = params[t].data_ptr<scalar_t>();
+    j.g = grads[t].const_data_ptr<scalar_t>();
+    j.s0 = j.s1 = j.s2 = nullptr;
+    j.sigma = sigma[t];
+    j.first_step = false;
+    const uint64_t seed = static_cast<uint64_t>(noise.seed);
+    j.key = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
+             noise.on ? static_cast<uint32_t>(noise.tensor_ids[t]) : 0u,
+             static_cast<uint32_t>(noise.step)};
+    fill_anchor(j, params[t], anchors, weights, t);
+  }
+  return jobs;
+}
+
+void check_params(const at::TensorList params) {
+  for (size_t t = 0; t < params.size(); ++t) {
+    TORCH_CHECK(params[t].device().is_cpu(), "mmcl_fast: params[", t, "] must be on the CPU");
+    TORCH_CHECK(params[t].is_contiguous(), "mmcl_fast: params[", t, "] must be contiguous");
+    TORCH_CHECK(params[t].scalar_type() == params[0].scalar_type(),
+                "mmcl_fast: params must share one dtype");
+  }
+}
+
+void modality_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                        at::ArrayRef<double> steps, const at::Tensor& coefficients,
+                        int64_t modality, double lr, double beta1, double beta2, double eps,
+                        double weight_decay, bool noise, int64_t seed, int64_t noise_step,
+                        at::IntArrayRef tensor_ids,
+                        const c10::List<std::optional<at::Tensor>>& anchors,
+                        const c10::List<std::optional<at::Tensor>>& anchor_weights,
+                        double anchor_lambda) {
+  if (params.empty()) return;
+  check_params(params);
+  check_list(params, grads, "grads");
+  check_list(params, exp_avgs, "exp_avgs");
+  check_list(params, exp_avg_sqs, "exp_avg_sqs");
+  const bool amsgrad = !max_exp_avg_sqs.empty();
+  if (amsgrad) check_list(params, max_exp_avg_sqs, "max_exp_avg_sqs");
+  TORCH_CHECK(steps.size() == params.size(), "mmcl_fast: steps must have one entry per parameter");
+  const bool noise_on = noise && modality >= 0;
+  const bool any_anchor = anchors.size() > 0 && anchor_lambda != 0.0;
+  const float k = read_coefficient(coefficients, modality);
+  const std::vector<Chunk> chunks = make_chunks(params);
+  AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "modality_adamw_cpu", [&] {
+    auto jobs = make_jobs<scalar_t>(params, grads, chunks, {noise_on, seed, noise_step, tensor_ids},
+                                    anchors, anchor_weights);
+    for (size_t t = 0; t < params.size(); ++t) {
+      TensorJob<scalar_t>& j = jobs[t];
+      j.s0 = exp_avgs[t].data_ptr<scalar_t>();
+      j.s1 = exp_avg_sqs[t].data_ptr<scalar_t>();
+      j.s2 = amsgrad ? max_exp_avg_sqs[t].data_ptr<scalar_t>() : nullptr;
+      const double bc1 = 1.0 - std::pow(beta1, steps[t]);
+      const double bc2 = 1.0 - std::pow(beta2, steps[t]);
+      j.adam = {static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
+                static_cast<float>(eps), static_cast<float>(weight_decay),
+                static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2))};
+    }
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        const TensorJob<scalar_t>& j = jobs[chunks[c].tensor];
+        adamw_chunk_dispatch<scalar_t>(j, chunks[c].begin, chunks[c].end,
+                                       static_cast<scalar_t>(k),
+                                       static_cast<float>(2.0 * anchor_lambda), noise_on,
+                                       any_anchor && j.anchor != nullptr, amsgrad);
+      }
+    });
+  });
+}
+
+void modality_sgd_cpu(at::TensorList params, at::TensorList grads,
+                      at::TensorList momentum_buffers, at::IntArrayRef first_step,
+                      const at::Tensor& coefficients, int64_t modality, double lr, double momentum,
+                      double dampening, double weight_decay, bool nesterov, bool noise,
+                      int64_t seed, int64_t noise_step, at::IntArrayRef tensor_ids,
+                      const c10::List<std::optional<at::Tensor>>& anchors,
+                      const c10::List<std::optional<at::Tensor>>& anchor_weights,
+                      double anchor_lambda) {
+  if (params.empty()) return;
+  check_params(params);
+  check_list(params, grads, "grads");
+  const bool use_momentum = !momentum_buffers.empty();
+  if (use_momentum) {
+    check_list(params, momentum_buffers, "momentum_buffers");
+    TORCH_CHECK(first_step.size() == params.size(),
+                "mmcl_fast: first_step must have one entry per parameter");
+  }
+  const bool noise_on = noise && modality >= 0;
+  const bool any_anchor = anchors.size() > 0 && anchor_lambda != 0.0;
+  const float k = read_coefficient(coefficients, modality);
+  const std::vector<Chunk> chunks = make_chunks(params);
+  const SGDScalars s{static_cast<float>(lr), static_cast<float>(momentum),
+                     static_cast<float>(dampening), static_cast<float>(weight_decay), nesterov};
+  AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "modality_sgd_cpu", [&] {
+    auto jobs = make_jobs<scalar_t>(params, grads, chunks, {noise_on, seed, noise_step, tensor_ids},
+                                    anchors, anchor_weights);
+    for (size_t t = 0; t < params.size(); ++t) {
+      jobs[t].s0 = use_momentum ? momentum_buffers[t].data_ptr<scalar_t>() : nullptr;
+      jobs[t].first_step = use_momentum && first_step[t] != 0;
+    }
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        const TensorJob<scalar_t>& j = jobs[chunks[c].tensor];
+        sgd_chunk_dispatch<scalar_t>(j, chunks[c].begin, chunks[c].end, static_cast<scalar_t>(k),
+                                     static_cast<float>(2.0 * anchor_lambda), s, noise_on,
+                                     any_anchor && j.anchor != nullptr, use_momentum);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmcl_fast, CPU, m) {
+  m.impl("modality_adamw_", &modality_adamw_cpu);
+  m.impl("modality_sgd_", &modality_sgd_cpu);
+}
+
+}  // namespace mmcl_fast

@@ -1,0 +1,1 @@
+"""Optimizers built on op family A."""
