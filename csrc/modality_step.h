@@ -18,10 +18,12 @@
 
 namespace mmcl_fast {
 
+// Hyper-parameters are kept in double so that float64 parameters get a float64 update; kernels
+// convert them once to their compute type T.
 struct AdamWScalars {
-  float lr, beta1, beta2, eps, weight_decay;
-  float step_size;           // lr / (1 - beta1^t)
-  float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+  double lr, beta1, beta2, eps, weight_decay;
+  double step_size;              // lr / (1 - beta1^t)
+  double bias_correction2_sqrt;  // sqrt(1 - beta2^t)
 };
 
 template <bool AMSGRAD, typename T>
@@ -43,7 +45,7 @@ MMCL_HD T adamw_element(T p, T g, T& m, T& v, T& vmax, const AdamWScalars& s) {
 }
 
 struct SGDScalars {
-  float lr, momentum, dampening, weight_decay;
+  double lr, momentum, dampening, weight_decay;
   bool nesterov;
 };
 

@@ -137,7 +137,7 @@ struct TensorJob {
 // g' for elements [b0, b0 + n) of one tensor into gbuf (the modulated gradient of the header).
 template <typename scalar_t, bool NOISE, bool ANCHOR>
 MMCL_INLINE void modulated_grad_block(scalar_t* gbuf, const TensorJob<scalar_t>& j, int64_t b0,
-                                      int64_t n, scalar_t k, float lambda2) {
+                                      int64_t n, scalar_t k, double lambda2) {
   const scalar_t* g = j.g + b0;
   if (NOISE) {
     float noise[kBlock];
@@ -166,7 +166,7 @@ MMCL_INLINE void modulated_grad_block(scalar_t* gbuf, const TensorJob<scalar_t>&
 
 template <typename scalar_t, bool NOISE, bool ANCHOR, bool AMSGRAD>
 MMCL_INLINE void adamw_chunk(const TensorJob<scalar_t>& j, int64_t begin, int64_t end, scalar_t k,
-                             float lambda2) {
+                             double lambda2) {
   scalar_t gbuf[kBlock];
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int64_t n = std::min(kBlock, end - b0);
@@ -184,7 +184,7 @@ MMCL_INLINE void adamw_chunk(const TensorJob<scalar_t>& j, int64_t begin, int64_
 
 template <typename scalar_t, bool NOISE, bool ANCHOR, bool MOMENTUM>
 MMCL_INLINE void sgd_chunk(const TensorJob<scalar_t>& j, int64_t begin, int64_t end, scalar_t k,
-                           float lambda2, const SGDScalars& s) {
+                           double lambda2, const SGDScalars& s) {
   scalar_t gbuf[kBlock];
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int64_t n = std::min(kBlock, end - b0);
@@ -202,7 +202,7 @@ MMCL_INLINE void sgd_chunk(const TensorJob<scalar_t>& j, int64_t begin, int64_t 
 // fully specialised, branch-free loops inlined into it.
 template <typename scalar_t>
 MMCL_CPU_CLONES void adamw_chunk_dispatch(const TensorJob<scalar_t>& j, int64_t begin,
-                                          int64_t end, scalar_t k, float lambda2, bool noise,
+                                          int64_t end, scalar_t k, double lambda2, bool noise,
                                           bool anchor, bool amsgrad) {
 #define MMCL_ADAMW_CASE(N, A, S)                                                 \
   if (noise == N && anchor == A && amsgrad == S) {                               \
@@ -222,7 +222,7 @@ MMCL_CPU_CLONES void adamw_chunk_dispatch(const TensorJob<scalar_t>& j, int64_t 
 
 template <typename scalar_t>
 MMCL_CPU_CLONES void sgd_chunk_dispatch(const TensorJob<scalar_t>& j, int64_t begin, int64_t end,
-                                        scalar_t k, float lambda2, const SGDScalars& s, bool noise,
+                                        scalar_t k, double lambda2, const SGDScalars& s, bool noise,
                                         bool anchor, bool momentum) {
 #define MMCL_SGD_CASE(N, A, M)                                                   \
   if (noise == N && anchor == A && momentum == M) {                              \
@@ -404,16 +404,14 @@ void modality_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorL
       j.s2 = amsgrad ? max_exp_avg_sqs[t].data_ptr<scalar_t>() : nullptr;
       const double bc1 = 1.0 - std::pow(beta1, steps[t]);
       const double bc2 = 1.0 - std::pow(beta2, steps[t]);
-      j.adam = {static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
-                static_cast<float>(eps), static_cast<float>(weight_decay),
-                static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2))};
+      j.adam = {lr, beta1, beta2, eps, weight_decay, lr / bc1, std::sqrt(bc2)};
     }
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
       for (int64_t c = lo; c < hi; ++c) {
         const TensorJob<scalar_t>& j = jobs[chunks[c].tensor];
         adamw_chunk_dispatch<scalar_t>(j, chunks[c].begin, chunks[c].end,
                                        static_cast<scalar_t>(k),
-                                       static_cast<float>(2.0 * anchor_lambda), noise_on,
+                                       2.0 * anchor_lambda, noise_on,
                                        any_anchor && j.anchor != nullptr, amsgrad);
       }
     });
@@ -441,8 +439,7 @@ void modality_sgd_cpu(at::TensorList params, at::TensorList grads,
   const bool any_anchor = anchors.size() > 0 && anchor_lambda != 0.0;
   const float k = read_coefficient(coefficients, modality);
   const std::vector<Chunk> chunks = make_chunks(params);
-  const SGDScalars s{static_cast<float>(lr), static_cast<float>(momentum),
-                     static_cast<float>(dampening), static_cast<float>(weight_decay), nesterov};
+  const SGDScalars s{lr, momentum, dampening, weight_decay, nesterov};
   AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "modality_sgd_cpu", [&] {
     auto jobs = make_jobs<scalar_t>(params, grads, chunks, {noise_on, seed, noise_step, tensor_ids},
                                     anchors, anchor_weights);
@@ -454,7 +451,7 @@ void modality_sgd_cpu(at::TensorList params, at::TensorList grads,
       for (int64_t c = lo; c < hi; ++c) {
         const TensorJob<scalar_t>& j = jobs[chunks[c].tensor];
         sgd_chunk_dispatch<scalar_t>(j, chunks[c].begin, chunks[c].end, static_cast<scalar_t>(k),
-                                     static_cast<float>(2.0 * anchor_lambda), s, noise_on,
+                                     2.0 * anchor_lambda, s, noise_on,
                                      any_anchor && j.anchor != nullptr, use_momentum);
       }
     });

@@ -1,0 +1,387 @@
+"""Optimizers built on op family A: ModalityAdamW, ModalitySGD and param_groups_by_modality.
+
+Param groups are ordinary torch groups with an optional "modality": str key. At each step the
+optimizer turns per-modality scores (or given coefficients) into coefficients k on the device
+(DESIGN.md 4.1) and runs one fused multi-tensor step per group, device and dtype (DESIGN.md 4.2):
+gradients of a modality's groups are scaled by k_m, optionally with GE noise, and optionally pulled
+toward an anchor. With neither scores nor coefficients the step is plain torch AdamW / SGD.
+
+Extras kept on the device, saved by state_dict():
+- cross-task carry: the running mean of the coefficients applied during the current task; after
+  `end_task()` the coefficient used is carry * mean_prev + (1 - carry) * k;
+- modulation window `modulation_steps=(start, end)`: modulation (and noise) only while
+  start <= (steps taken in the current task) < end.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import numbers
+from collections import defaultdict
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..ops import modality_step as _ops
+
+
+def _real(name: str, value, low: float = 0.0, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) or value == high == math.inf) or not (low <= value <= high):
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+class _ModalityOptimizer(torch.optim.Optimizer):
+    """What ModalityAdamW and ModalitySGD share: modalities, coefficients, carry, window, anchors."""
+
+    def __init__(self, params, defaults, *, alpha, noise, carry, modulation_steps, seed, modalities):
+        self.alpha = _ops._check_alpha(alpha)
+        self.noise = bool(noise)
+        self.carry = _real("carry", carry, 0.0, 1.0)
+        if modulation_steps is not None:
+            if len(tuple(modulation_steps)) != 2:
+                raise ValueError(f"modulation_steps must be (start, end) or None, got {modulation_steps!r}")
+            start, end = (int(x) for x in modulation_steps)
+            if start < 0 or end < start:
+                raise ValueError(f"modulation_steps must satisfy 0 <= start <= end, got {modulation_steps!r}")
+            modulation_steps = (start, end)
+        self.modulation_steps = modulation_steps
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.seed = seed
+        self._fixed_modalities = None if modalities is None else [str(m) for m in modalities]
+        defaults = dict(defaults, modality=None, anchor=None, anchor_weight=None, anchor_lambda=0.0)
+        super().__init__(params, defaults)
+        self.modalities: List[str] = self._modality_order()
+        self._global_step = 0  # step() calls so far: the noise counter
+        self._task_step = 0  # step() calls in the current task: the window's clock
+        self._task = 0
+        self._k_sum: Optional[torch.Tensor] = None
+        self._k_count = 0
+        self._k_prev: Optional[torch.Tensor] = None
+        self.last_coefficients: Optional[torch.Tensor] = None
+
+    # -- groups ---------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        modality = param_group.get("modality")
+        if modality is not None and not isinstance(modality, str):
+            raise TypeError(f"a param group's 'modality' must be a str or None, got {type(modality).__name__}")
+        fixed = getattr(self, "_fixed_modalities", None)
+        if modality is not None and fixed is not None and modality not in fixed:
+            raise ValueError(f"param group has unknown modality {modality!r}; modalities are {fixed}")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            if not p.is_floating_point():
+                raise TypeError(f"params must be floating point, got a {p.dtype} parameter")
+        group["anchor"], group["anchor_weight"] = self._normalise_anchor(group)
+        group["anchor_lambda"] = _real("anchor_lambda", group["anchor_lambda"])
+        if hasattr(self, "modalities"):
+            self.modalities = self._modality_order()
+
+    @staticmethod
+    def _normalise_anchor(group) -> Tuple[Optional[list], Optional[list]]:
+        """anchor / anchor_weight as lists aligned with the group's params (None entries allowed)."""
+        anchor, weight = group.get("anchor"), group.get("anchor_weight")
+        n = len(group["params"])
+        if anchor is None:
+            if weight is not None:
+                raise ValueError("param group has anchor_weight but no anchor")
+            return None, None
+        if isinstance(anchor, torch.Tensor):
+            if n != 1:
+                raise ValueError(f"a single anchor tensor needs a group with one parameter; this group has {n} (pass a list)")
+            anchor = [anchor]
+        anchor = [None if a is None else a.detach() for a in anchor]
+        if len(anchor) != n:
+            raise ValueError(f"anchor has {len(anchor)} entries but the group has {n} parameters")
+        if weight is None or isinstance(weight, (numbers.Real, torch.Tensor)):
+            weight = [weight] * n
+        weight = list(weight)
+        if len(weight) != n:
+            raise ValueError(f"anchor_weight has {len(weight)} entries but the group has {n} parameters")
+        return anchor, weight
+
+    def _modality_order(self) -> List[str]:
+        if self._fixed_modalities is not None:
+            return list(self._fixed_modalities)
+        order: List[str] = []
+        for g in self.param_groups:
+            m = g.get("modality")
+            if m is not None and m not in order:
+                order.append(m)
+        return order
+
+    # -- coefficients ---------------------------------------------------------------------------
+    def _as_vector(self, name: str, values) -> torch.Tensor:
+        if isinstance(values, Mapping):
+            unknown = [k for k in values if k not in self.modalities]
+            if unknown:
+                raise ValueError(f"{name} names unknown modalities {unknown}; modalities are {self.modalities}")
+            missing = [m for m in self.modalities if m not in values]
+            if missing:
+                raise ValueError(f"{name} lacks modalities {missing}")
+            values = torch.stack([torch.as_tensor(values[m]).reshape(()) for m in self.modalities])
+        if not isinstance(values, torch.Tensor):
+            values = torch.as_tensor(values)
+        if values.dim() != 1 or values.numel() != len(self.modalities):
+            raise ValueError(f"{name} must have one entry per modality ({len(self.modalities)}: {self.modalities}), got shape {tuple(values.shape)}")
+        if not values.is_floating_point():
+            values = values.float()
+        return values.detach().float()
+
+    def _in_window(self) -> bool:
+        if self.modulation_steps is None:
+            return True
+        start, end = self.modulation_steps
+        return start <= self._task_step < end
+
+    def _coefficients(self, scores, coefficients) -> Optional[torch.Tensor]:
+        if scores is None and coefficients is None:
+            self.last_coefficients = None
+            return None
+        if scores is not None and coefficients is not None:
+            raise ValueError("pass scores or coefficients, not both")
+        if not self.modalities:
+            raise ValueError("scores/coefficients given but no param group has a 'modality'")
+        if scores is not None:
+            s = self._as_vector("scores", scores)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                s = s.clone()
+                torch.distributed.all_reduce(s)  # every rank then computes the same k
+            if len(self.modalities) < 2:
+                raise ValueError("scores need at least 2 modalities to compare")
+            k = _ops.modulation_coefficients(s, self.alpha)
+        else:
+            k = self._as_vector("coefficients", coefficients)
+        if not self._in_window():
+            self.last_coefficients = torch.ones_like(k)
+            return None
+        if self.carry > 0 and self._k_prev is not None:
+            k = self.carry * self._k_prev.to(k.device) + (1.0 - self.carry) * k
+        self._k_sum = k.clone() if self._k_sum is None else self._k_sum + k.to(self._k_sum.device)
+        self._k_count += 1
+        self.last_coefficients = k
+        return k
+
+    def end_task(self) -> None:
+        """Freeze this task's mean coefficient for the carry and restart the window's clock."""
+        if self._k_count > 0:
+            self._k_prev = self._k_sum / self._k_count
+        self._k_sum = None
+        self._k_count = 0
+        self._task += 1
+        self._task_step = 0
+
+    # -- the step -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None, *, scores=None, coefficients=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        k = self._coefficients(scores, coefficients)
+        k_on: Dict[torch.device, torch.Tensor] = {}
+        for group in self.param_groups:
+            modality = group.get("modality")
+            midx = self.modalities.index(modality) if (k is not None and modality is not None) else -1
+            buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = defaultdict(list)
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    buckets[(p.device, p.dtype)].append(i)
+            for (device, _), idx in buckets.items():
+                coef = None
+                if midx >= 0:
+                    if device not in k_on:
+                        k_on[device] = k.to(device, non_blocking=True)
+                    coef = k_on[device]
+                self._group_step(group, idx, coef, midx)
+        self._global_step += 1
+        self._task_step += 1
+        return loss
+
+    def _anchor_args(self, group, idx):
+        if group["anchor"] is None or group["anchor_lambda"] == 0.0:
+            return None, None
+        return [group["anchor"][i] for i in idx], [group["anchor_weight"][i] for i in idx]
+
+    def _tensor_ids(self, group, idx) -> List[int]:
+        ids = self._param_ids()
+        return [ids[id(group["params"][i])] for i in idx]
+
+    def _param_ids(self) -> Dict[int, int]:
+        ids = getattr(self, "_ids_cache", None)
+        n = sum(len(g["params"]) for g in self.param_groups)
+        if ids is None or len(ids) != n:
+            ids = {}
+            for g in self.param_groups:
+                for p in g["params"]:
+                    ids.setdefault(id(p), len(ids))
+            self._ids_cache = ids
+        return ids
+
+    def _common_kwargs(self, group, idx, coef, midx):
+        anchors, weights = self._anchor_args(group, idx)
+        return dict(
+            coefficients=coef, modality=midx, noise=self.noise and midx >= 0, seed=self.seed,
+            noise_step=self._global_step, tensor_ids=self._tensor_ids(group, idx),
+            anchors=anchors, anchor_weights=weights, anchor_lambda=group["anchor_lambda"],
+        )
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["modality_state"] = {
+            "modalities": list(self.modalities),
+            "global_step": self._global_step,
+            "task_step": self._task_step,
+            "task": self._task,
+            "k_sum": None if self._k_sum is None else self._k_sum.clone(),
+            "k_count": self._k_count,
+            "k_prev": None if self._k_prev is None else self._k_prev.clone(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("modality_state", None)
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group["anchor"], group["anchor_weight"] = self._normalise_anchor(group)
+        if extra is not None:
+            if list(extra["modalities"]) != list(self.modalities):
+                raise ValueError(f"state_dict was saved with modalities {extra['modalities']}, this optimizer has {self.modalities}")
+            self._global_step = int(extra["global_step"])
+            self._task_step = int(extra["task_step"])
+            self._task = int(extra["task"])
+            self._k_sum = extra["k_sum"]
+            self._k_count = int(extra["k_count"])
+            self._k_prev = extra["k_prev"]
+
+
+class ModalityAdamW(_ModalityOptimizer):
+    """AdamW (torch semantics) with per-modality gradient modulation, fused over all tensors.
+
+    >>> opt = ModalityAdamW(param_groups_by_modality(model, {"vision": ["vis.*"], "text": ["txt.*"]}))
+    >>> loss.backward(); opt.step(scores=modality_scores(unimodal_logits, y))
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, alpha: float = 0.1, noise: bool = False,
+                 carry: float = 0.0, modulation_steps: Optional[Tuple[int, int]] = None, seed: int = 0,
+                 modalities: Optional[Sequence[str]] = None):
+        lr = _real("lr", lr)
+        eps = _real("eps", eps)
+        weight_decay = _real("weight_decay", weight_decay)
+        if len(tuple(betas)) != 2:
+            raise ValueError(f"betas must be a pair, got {betas!r}")
+        betas = tuple(_real(f"betas[{i}]", b, 0.0, 1.0) for i, b in enumerate(betas))
+        if betas[0] >= 1.0 or betas[1] >= 1.0:
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad))
+        super().__init__(params, defaults, alpha=alpha, noise=noise, carry=carry,
+                         modulation_steps=modulation_steps, seed=seed, modalities=modalities)
+
+    def _group_step(self, group, idx, coef, midx):
+        params = [group["params"][i] for i in idx]
+        grads, exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_sqs.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
+        torch._foreach_add_(steps, 1.0)
+        beta1, beta2 = group["betas"]
+        _ops.modality_adamw_(
+            params, grads, exp_avgs, exp_avg_sqs, max_sqs, torch.stack(steps).tolist(),
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], **self._common_kwargs(group, idx, coef, midx),
+        )
+
+
+class ModalitySGD(_ModalityOptimizer):
+    """SGD (torch semantics: momentum, dampening, nesterov, weight decay) with per-modality
+    gradient modulation, fused over all tensors."""
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, alpha: float = 0.1, noise: bool = False,
+                 carry: float = 0.0, modulation_steps: Optional[Tuple[int, int]] = None, seed: int = 0,
+                 modalities: Optional[Sequence[str]] = None):
+        lr = _real("lr", lr)
+        momentum = _real("momentum", momentum)
+        dampening = _real("dampening", dampening)
+        weight_decay = _real("weight_decay", weight_decay)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("nesterov needs momentum > 0 and dampening == 0")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=bool(nesterov))
+        super().__init__(params, defaults, alpha=alpha, noise=noise, carry=carry,
+                         modulation_steps=modulation_steps, seed=seed, modalities=modalities)
+
+    def _group_step(self, group, idx, coef, midx):
+        params = [group["params"][i] for i in idx]
+        grads = [p.grad for p in params]
+        bufs, first = [], []
+        if group["momentum"] != 0:
+            for p in params:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                first.append(buf is None)
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                bufs.append(buf)
+        _ops.modality_sgd_(
+            params, grads, bufs, first or None, lr=group["lr"], momentum=group["momentum"],
+            dampening=group["dampening"], weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"], **self._common_kwargs(group, idx, coef, midx),
+        )
+
+
+def param_groups_by_modality(
+    model: nn.Module,
+    patterns: Mapping[str, Union[str, Iterable[str]]],
+    **group_options,
+) -> List[dict]:
+    """Param groups from name patterns (fnmatch), one group per modality plus one plain group.
+
+    `patterns` maps a modality to patterns of parameter names (as in model.named_parameters());
+    a parameter matching two modalities is an error; unmatched trainable parameters go to a plain
+    group without "modality". `group_options` (lr, weight_decay, ...) are copied into every group.
+    """
+    if not isinstance(patterns, Mapping) or not patterns:
+        raise ValueError("patterns must be a non-empty mapping of modality -> name patterns")
+    pats = {}
+    for modality, pat in patterns.items():
+        if not isinstance(modality, str):
+            raise TypeError(f"modality names must be str, got {modality!r}")
+        pats[modality] = [pat] if isinstance(pat, str) else list(pat)
+    groups: Dict[Optional[str], list] = {m: [] for m in pats}
+    groups[None] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        hits = [m for m, ps in pats.items() if any(fnmatch.fnmatchcase(name, q) for q in ps)]
+        if len(hits) > 1:
+            raise ValueError(f"parameter {name!r} matches the patterns of several modalities: {hits}")
+        groups[hits[0] if hits else None].append(p)
+    out = []
+    for modality, params in groups.items():
+        if params:
+            g = dict(group_options, params=params)
+            if modality is not None:
+                g["modality"] = modality
+            out.append(g)
+    return out
