@@ -19,7 +19,7 @@ def test_available_backends_lists_all_with_reasons():
     for name, st in av.items():
         assert st.name == name and isinstance(st.reason, str) and st.reason
     if not torch.cuda.is_available():
-        assert not av["cuda"] and "GPU" in av["cuda"].reason or "built" in av["cuda"].reason
+        assert not av["cuda"]
 
 
 @pytest.mark.skipif(os.environ.get("MMCL_FAST_EXPECT_EXTENSION") != "1", reason="set MMCL_FAST_EXPECT_EXTENSION=1 where the install must have compiled mmcl_fast._C")

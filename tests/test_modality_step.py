@@ -201,10 +201,11 @@ def _anchors(params, mode, seed):
             weights.append(None)
             continue
         rows = max(1, p.shape[0] // 2)
-        a = p[:rows] + torch.randn(p[:rows].shape, generator=g)
-        anchors.append(a)
-        weights.append({"none": None, "scalar": torch.tensor(0.7), "row": torch.rand(rows, generator=g),
-                        "element": torch.rand(a.shape, generator=g)}[mode])
+        a = p[:rows].cpu().float() + torch.randn(p[:rows].shape, generator=g)
+        w = {"none": None, "scalar": torch.tensor(0.7), "row": torch.rand(rows, generator=g),
+             "element": torch.rand(a.shape, generator=g)}[mode]
+        anchors.append(a.to(p.device, p.dtype))
+        weights.append(None if w is None else w.to(p.device, p.dtype))
     return anchors, weights
 
 
@@ -217,7 +218,7 @@ def _run_adamw(backend, params, grads, *, amsgrad, modality, noise, anchor_mode,
     with mmcl_fast.use_backend(backend):
         for t, g in enumerate(grads, start=1):
             modality_adamw_(params, g, m, v, vmax, [float(t)] * len(params),
-                            coefficients=torch.tensor(coef), modality=modality, lr=3e-2, beta1=0.8,
+                            coefficients=torch.tensor(coef, device=params[0].device), modality=modality, lr=3e-2, beta1=0.8,
                             beta2=0.95, eps=1e-6, weight_decay=0.05, noise=noise, seed=11,
                             noise_step=t, tensor_ids=list(range(10, 10 + len(params))),
                             anchors=anchors, anchor_weights=weights, anchor_lambda=0.25)
@@ -415,3 +416,53 @@ def test_torch_compile_fullgraph_scores_coefficients_and_step():
     for a, b in zip(params + m + v, eager[0] + eager[1] + eager[2]):
         torch.testing.assert_close(a, b)
     assert not torch.equal(params[0], _adam_args(3, (6, 5))[0][0])
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU backends (run where a GPU is present; skipped elsewhere)
+# ------------------------------------------------------------------------------------------------
+
+GPU_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")) for b in ("cuda", "triton")]
+
+
+def _to(tensors, device, dtype=None):
+    return [t.to(device, dtype) if t is not None else None for t in tensors]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("amsgrad,noise,anchor_mode", [(False, False, None), (True, True, "row"), (False, True, "element")])
+def test_gpu_adamw_matches_reference(backend, dtype, tol, amsgrad, noise, anchor_mode):
+    reason = mmcl_fast.backend.why_not(backend, torch.device("cuda"), dtype)
+    if reason:
+        pytest.skip(reason)
+    params, grads = _make(SHAPES + [(1000, 257)], 7)
+    params = _to(params, "cuda", dtype)
+    grads = [_to(g, "cuda", dtype) for g in grads]
+    kw = dict(amsgrad=amsgrad, modality=1, noise=noise, anchor_mode=anchor_mode)
+    got = _run_adamw(backend, params, grads, **kw)
+    expect = _run_adamw("reference", params, grads, **kw)
+    _close([t.float() for t in got], [t.float() for t in expect], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_step_makes_no_host_sync(backend):
+    reason = mmcl_fast.backend.why_not(backend, torch.device("cuda"), torch.float32)
+    if reason:
+        pytest.skip(reason)
+    from mmcl_fast.optim import ModalityAdamW
+
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(64, 64), "b": torch.nn.Linear(64, 64)}).cuda()
+    opt = ModalityAdamW([{"params": model["a"].parameters(), "modality": "a"},
+                         {"params": model["b"].parameters(), "modality": "b"}], noise=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    scores = torch.tensor([3.0, 1.0], device="cuda")
+    with mmcl_fast.use_backend(backend):
+        opt.step(scores=scores)  # first step allocates the state
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step(scores=scores)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)

@@ -311,11 +311,14 @@ __global__ void __launch_bounds__(kThreads)
       m2 += m2b + delta * delta * n * frac;
       n = nn;
     } else {
-      for (int i = 0; i < cnt; ++i) {  // Welford, the tail of the tensor
-        n += acc_t(1);
-        const acc_t d = x[i] - mean;
-        mean += d / n;
-        m2 += d * (x[i] - mean);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // Welford, over the 1 to 3 elements of the tensor's tail
+        if (i < cnt) {
+          n += acc_t(1);
+          const acc_t d = x[i] - mean;
+          mean += d / n;
+          m2 += d * (x[i] - mean);
+        }
       }
     }
   }

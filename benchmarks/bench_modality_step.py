@@ -1,0 +1,197 @@
+"""Op family A benchmarks: the fused per-modality gradient-modulated optimizer step.
+
+Groups (DESIGN.md section 11):
+  A-noise   GE noise on, ~400 tensors / ~20M parameters of two BERT/ViT-like streams (hidden 256,
+            12 layers each): the seed-style loop (per-tensor .std().item(), normal_, scale, then
+            torch AdamW foreach), torch.compile of that loop, and ModalityAdamW on each backend.
+  A-plain-k noise off, k != 1: torch._foreach_mul_ + torch.optim.AdamW(fused=True) vs ours.
+  A-copy    a plain copy of the same bytes, for the bandwidth column.
+Each benchmark records `bytes` in extra_info (the bytes that must move); benchmarks/report.py turns
+pytest-benchmark's JSON into a table of medians, ratios and GB/s.
+
+    pytest benchmarks/bench_modality_step.py --benchmark-only --benchmark-json=out.json
+    python benchmarks/report.py out.json
+"""
+import pytest
+import torch
+from torch import nn
+
+import mmcl_fast
+from mmcl_fast.optim import ModalityAdamW, param_groups_by_modality
+
+from conftest import present_backends, small
+
+K = {"vision": 0.6, "text": 1.0}
+
+
+def _stream(hidden, layers, ffn):
+    mods = []
+    for _ in range(layers):
+        mods += [nn.Linear(hidden, hidden) for _ in range(4)]  # q, k, v, out
+        mods += [nn.Linear(hidden, ffn), nn.Linear(ffn, hidden), nn.LayerNorm(hidden), nn.LayerNorm(hidden)]
+    return nn.Sequential(*mods)
+
+
+class TwoStreams(nn.Module):
+    """Layer shapes of BERT-base / ViT-B/32 scaled down to ~20M parameters in ~400 tensors."""
+
+    def __init__(self, hidden, layers, vocab, patches):
+        super().__init__()
+        self.text = nn.ModuleDict({"embed": nn.Embedding(vocab, hidden), "layers": _stream(hidden, layers, 4 * hidden)})
+        self.vision = nn.ModuleDict({"patch": nn.Linear(3 * 32 * 32, hidden), "pos": nn.Embedding(patches, hidden),
+                                     "layers": _stream(hidden, layers, 4 * hidden)})
+        self.head = nn.Linear(2 * hidden, 23)
+
+
+def _model(device):
+    torch.manual_seed(0)
+    m = TwoStreams(32, 2, 100, 50) if small() else TwoStreams(256, 12, 2048, 50)
+    m = m.to(device)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p) * 1e-2
+    return m
+
+
+def _groups(model):
+    return param_groups_by_modality(model, {"vision": "vision.*", "text": "text.*"})
+
+
+def _nbytes(model, passes):
+    return sum(p.numel() * p.element_size() for p in model.parameters()) * passes
+
+
+def _saved_grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _restore(model, grads):
+    for p, g in zip(model.parameters(), grads):
+        p.grad.copy_(g)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _bench(benchmark, device, fn, setup, nbytes, rounds):
+    benchmark.extra_info["bytes"] = nbytes
+    benchmark.extra_info["device"] = str(device)
+
+    def run():
+        fn()
+        _sync(device)
+
+    benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+ROUNDS = 3 if small() else 15
+
+
+def _seed_style_modulation(model, groups):
+    """What OGM-GE / MSPT do after backward(): one host sync and one noise tensor per parameter."""
+    for g in groups:
+        k = K.get(g.get("modality"))
+        if k is None:
+            continue
+        for p in g["params"]:
+            std = p.grad.std().item()
+            noise = torch.zeros_like(p.grad).normal_(0, std + 1e-8)
+            p.grad.mul_(k).add_(noise)
+
+
+# ---- A-noise ---------------------------------------------------------------------------------
+
+
+@pytest.mark.benchmark(group="A-noise")
+def test_noise_seed_style_loop(benchmark, device):
+    model = _model(device)
+    groups = _groups(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    grads = _saved_grads(model)
+
+    def step():
+        _seed_style_modulation(model, groups)
+        opt.step()
+
+    _bench(benchmark, device, step, lambda: _restore(model, grads), _nbytes(model, 8), ROUNDS)
+
+
+@pytest.mark.benchmark(group="A-noise")
+def test_noise_seed_style_loop_compiled(benchmark, device):
+    model = _model(device)
+    groups = _groups(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    grads = _saved_grads(model)
+    mod_params = [(p, K[g["modality"]]) for g in groups if g.get("modality") in K for p in g["params"]]
+
+    @torch.compile
+    def modulate():
+        # the seed loop, written so that the compiler can trace it (std stays a tensor)
+        for p, k in mod_params:
+            p.grad.mul_(k).add_(torch.randn_like(p.grad) * (p.grad.std() + 1e-8))
+
+    compiled_step = torch.compile(opt.step)
+
+    def step():
+        modulate()
+        compiled_step()
+
+    _bench(benchmark, device, step, lambda: _restore(model, grads), _nbytes(model, 8), ROUNDS)
+
+
+@pytest.mark.parametrize("backend", present_backends(torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+@pytest.mark.benchmark(group="A-noise")
+def test_noise_ours(benchmark, device, backend):
+    model = _model(device)
+    opt = ModalityAdamW(_groups(model), lr=1e-4, noise=True)
+    k = torch.tensor([K[m] for m in opt.modalities], device=device)
+
+    def step():
+        with mmcl_fast.use_backend(backend):
+            opt.step(coefficients=k)
+
+    _bench(benchmark, device, step, None, _nbytes(model, 8), ROUNDS)
+
+
+# ---- A-plain-k -------------------------------------------------------------------------------
+
+
+@pytest.mark.benchmark(group="A-plain-k")
+def test_plain_k_foreach_mul_fused_adamw(benchmark, device):
+    model = _model(device)
+    groups = _groups(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    per_k = [([p.grad for p in g["params"]], K[g["modality"]]) for g in groups if g.get("modality") in K]
+
+    def step():
+        for grads, k in per_k:
+            torch._foreach_mul_(grads, k)
+        opt.step()
+
+    _bench(benchmark, device, step, None, _nbytes(model, 7), ROUNDS)
+
+
+@pytest.mark.parametrize("backend", present_backends(torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+@pytest.mark.benchmark(group="A-plain-k")
+def test_plain_k_ours(benchmark, device, backend):
+    model = _model(device)
+    opt = ModalityAdamW(_groups(model), lr=1e-4)
+    k = torch.tensor([K[m] for m in opt.modalities], device=device)
+
+    def step():
+        with mmcl_fast.use_backend(backend):
+            opt.step(coefficients=k)
+
+    _bench(benchmark, device, step, None, _nbytes(model, 7), ROUNDS)
+
+
+# ---- copy bandwidth --------------------------------------------------------------------------
+
+
+@pytest.mark.benchmark(group="A-copy")
+def test_copy_bandwidth(benchmark, device):
+    n = sum(p.numel() for p in _model(device).parameters())
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    _bench(benchmark, device, lambda: dst.copy_(src), None, 2 * src.numel() * src.element_size(), ROUNDS)

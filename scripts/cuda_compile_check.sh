@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Compile-only check of the CUDA kernels (no GPU needed): a second environment with the CUDA build of
+# torch (2.14.1, cu130), a regular (non-editable) install with MMCL_FAST_FORCE_CUDA=1 for sm_80 and
+# sm_90, then a check that every op of csrc/mmcl_fast.cpp has a CPU and a CUDA kernel registered and
+# that the wheel's layout is right (mmcl_fast.kernels inside the package, no top-level `kernels`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+nvcc_bin=$(command -v nvcc || true)
+[ -n "$nvcc_bin" ] || { [ -x /usr/local/cuda/bin/nvcc ] && nvcc_bin=/usr/local/cuda/bin/nvcc; } || true
+if [ -z "$nvcc_bin" ]; then
+  echo "cuda_compile_check: SKIPPED - nvcc is absent on this machine, the CUDA sources were not compiled"
+  exit 0
+fi
+venv=${MMCL_FAST_CUDA_VENV:-.venv-cuda}
+t0=$SECONDS
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade "setuptools>=70" wheel ninja numpy
+"$venv/bin/python" -m pip install -q "torch==2.14.1"
+echo "cuda_compile_check: $("$venv/bin/python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'), $("$nvcc_bin" --version | tail -1), after $((SECONDS - t0)) s"
+inc=$("$venv/bin/python" -c "import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))" 2>/dev/null || true)
+[ -n "$inc" ] && [ -d "$inc" ] && export CPATH="$inc${CPATH:+:$CPATH}"
+export PATH="$(dirname "$nvcc_bin"):$PATH"
+MMCL_FAST_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=${MAX_JOBS:-2} \
+  "$venv/bin/python" -m pip install --no-build-isolation --no-deps --force-reinstall . 2>&1 | tail -n 5
+echo "cuda_compile_check: compiled after $((SECONDS - t0)) s"
+schema="$PWD/csrc/mmcl_fast.cpp"
+(cd /tmp && MMCL_SCHEMA="$schema" "$venv/bin/python" - <<'PY'
+import importlib, os, re, torch
+import mmcl_fast
+importlib.import_module("mmcl_fast._C")
+ops = sorted(set(re.findall(r'm\.def\(\s*"(\w+)\(', open(os.environ["MMCL_SCHEMA"]).read())))
+assert ops, "no op found in csrc/mmcl_fast.cpp"
+missing = [f"{op}/{key}" for op in ops for key in ("CPU", "CUDA")
+           if not torch._C._dispatch_has_kernel_for_dispatch_key(f"mmcl_fast::{op}", key)]
+assert not missing, f"ops without a kernel: {missing}"
+print("cuda_compile_check: CPU and CUDA kernels registered for", ", ".join(ops))
+site = os.path.dirname(os.path.dirname(mmcl_fast.__file__))
+assert os.path.isdir(os.path.join(site, "mmcl_fast", "kernels")), "mmcl_fast/kernels missing from the install"
+assert not os.path.exists(os.path.join(site, "kernels")), "a top-level 'kernels' package was installed"
+print("cuda_compile_check: layout ok:", os.path.join(site, "mmcl_fast"))
+PY
+)
+echo "cuda_compile_check: done after $((SECONDS - t0)) s"

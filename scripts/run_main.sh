@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The main job, for now: install (scripts/setup_env.sh), then the benchmark comparison of op family A
+# against the PyTorch way, printed as a table of medians, ratios and GB/s. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+venv=${MMCL_FAST_VENV:-.venv}
+out=${MMCL_FAST_BENCH_JSON:-bench-modality_step.json}
+"$venv/bin/python" -m pytest benchmarks/bench_modality_step.py --benchmark-only \
+  --benchmark-json="$out" -p no:cacheprovider -q "$@"
+"$venv/bin/python" benchmarks/report.py "$out"
