@@ -57,12 +57,13 @@ def _extensions():
         )
 
     sources = ["csrc/mmcl_fast.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++17 for 2.13,
+    # C++20 for 2.14). -fopenmp makes ATen's inline parallel_for parallel; the OpenMP runtime is
+    # the one torch already loaded, so it is not linked again.
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
     kwargs = dict(
         name="mmcl_fast._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
-        define_macros=define_macros,
         py_limited_api=True,
     )
     if with_cuda:
@@ -74,8 +75,7 @@ def _extensions():
         ext = CUDAExtension(
             sources=sources,
             extra_compile_args={"cxx": cxx + ["-DMMCL_FAST_WITH_CUDA"],
-                                "nvcc": ["-O3", "--use_fast_math", "-std=c++17",
-                                         "-DMMCL_FAST_WITH_CUDA"]},
+                                "nvcc": ["-O3", "--use_fast_math", "-DMMCL_FAST_WITH_CUDA"]},
             **kwargs,
         )
         print(f"mmcl_fast: building CPU + CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")

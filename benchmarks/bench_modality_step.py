@@ -140,18 +140,25 @@ def test_noise_seed_style_loop_compiled(benchmark, device):
     _bench(benchmark, device, step, lambda: _restore(model, grads), _nbytes(model, 8), ROUNDS)
 
 
-@pytest.mark.parametrize("backend", present_backends(torch.device("cuda" if torch.cuda.is_available() else "cpu")))
-@pytest.mark.benchmark(group="A-noise")
-def test_noise_ours(benchmark, device, backend):
+BACKENDS = present_backends(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _bench_ours(benchmark, device, backend, noise):
     model = _model(device)
-    opt = ModalityAdamW(_groups(model), lr=1e-4, noise=True)
+    opt = ModalityAdamW(_groups(model), lr=1e-4, noise=noise)
     k = torch.tensor([K[m] for m in opt.modalities], device=device)
 
     def step():
         with mmcl_fast.use_backend(backend):
             opt.step(coefficients=k)
 
-    _bench(benchmark, device, step, None, _nbytes(model, 8), ROUNDS)
+    _bench(benchmark, device, step, None, _nbytes(model, 8 if noise else 7), ROUNDS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.benchmark(group="A-noise")
+def test_noise_ours(benchmark, device, backend):
+    _bench_ours(benchmark, device, backend, noise=True)
 
 
 # ---- A-plain-k -------------------------------------------------------------------------------
@@ -172,18 +179,10 @@ def test_plain_k_foreach_mul_fused_adamw(benchmark, device):
     _bench(benchmark, device, step, None, _nbytes(model, 7), ROUNDS)
 
 
-@pytest.mark.parametrize("backend", present_backends(torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.benchmark(group="A-plain-k")
 def test_plain_k_ours(benchmark, device, backend):
-    model = _model(device)
-    opt = ModalityAdamW(_groups(model), lr=1e-4)
-    k = torch.tensor([K[m] for m in opt.modalities], device=device)
-
-    def step():
-        with mmcl_fast.use_backend(backend):
-            opt.step(coefficients=k)
-
-    _bench(benchmark, device, step, None, _nbytes(model, 7), ROUNDS)
+    _bench_ours(benchmark, device, backend, noise=False)
 
 
 # ---- copy bandwidth --------------------------------------------------------------------------

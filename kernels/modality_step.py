@@ -25,13 +25,16 @@ Everything is computed in float32 and stored in the parameter dtype (float32 / f
 Launches per call, whatever the number of tensors: one (the update) without noise; three with noise
 (per-chunk gradient (count, mean, M2) partials; a per-tensor Chan merge of them into sigma, in
 float64; the update). All tensors of a call share one launch through a device int64 table: one row
-of 16 fields per tensor (data pointers, sizes, ids, ...), then one (tensor, start) pair per chunk of
-`chunk` elements; each program takes one chunk and casts the row's addresses back into pointers.
-The table is cached by its content (so an optimizer step with the same tensors copies nothing to
-the device); a missing one goes through pinned memory with a non-blocking copy. The element loop
-works on [BLOCK/4, 4] tiles so that one Philox call gives the four lanes of a group of 4 elements.
+of 16 fields per tensor (each tensor's element offset from the first parameter, which is passed as
+the one pointer argument; sizes, ids, ...), then one (tensor, start) pair per chunk of `chunk`
+elements; each program takes one chunk. Offsets from an argument pointer, unlike addresses cast
+from integers, keep the 16-byte alignment the compiler needs for vector loads. The table is cached
+by its content (so a step over the same tensors copies nothing to the device); a new one goes
+through pinned memory with a non-blocking copy. The element loop works on [BLOCK/4, 4] tiles so
+that one Philox call gives the four lanes of a group of 4 elements.
 """
 import collections
+import functools
 import math
 import os
 import struct
@@ -65,12 +68,15 @@ _NF = 16
 
 
 @triton.jit
-def _ptr(row, field: tl.constexpr, ref_ptr, ALIGNED: tl.constexpr):
-    """The address in field `field` of a table row, as a pointer of ref_ptr's type."""
-    addr = tl.load(row + field)
-    if ALIGNED:
-        addr = tl.multiple_of(addr, 16)
-    return addr.to(ref_ptr.dtype)
+def _ptr(row, field: tl.constexpr, ref_ptr, ALIGN: tl.constexpr):
+    """The pointer in field `field` of a table row. Rows hold element offsets from ref_ptr (the
+    first parameter) rather than addresses: an address cast from an integer loses the alignment
+    that the compiler needs to vectorise, an offset from an argument pointer keeps it (ALIGN:
+    elements of 16 bytes when every tensor is 16-byte aligned, else 1)."""
+    d = tl.load(row + field)
+    if ALIGN > 1:
+        d = tl.multiple_of(d, ALIGN)
+    return ref_ptr + d
 
 
 @triton.jit
@@ -181,22 +187,29 @@ def _modulated_grad(g, p, e, mask, off, k, sigma, seed, tid, step, a_ptr, w_ptr,
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["chunk_base", "chunk"])
-def _grad_stats_kernel(tab_ptr, ref_ptr, part_ptr, chunk_base, chunk, n_chunks, BLOCK: tl.constexpr):
-    """(count, mean, M2) of the gradient elements of one chunk (float32, Chan merge of tiles)."""
+@triton.jit(do_not_specialize=["chunk_base", "chunk", "n_chunks"])
+def _grad_stats_kernel(tab_ptr, ref_ptr, part_ptr, chunk_base, chunk, n_chunks, ALIGN: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """(count, mean, M2) of the gradient elements of one chunk: float32, shifted by the chunk's
+    first element (so that a large mean does not cost precision), Chan merge of the tiles."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(tab_ptr + chunk_base + 2 * pid)
-    start = tl.load(tab_ptr + chunk_base + 2 * pid + 1)
+    start = tl.multiple_of(tl.load(tab_ptr + chunk_base + 2 * pid + 1), BLOCK)
     row = tab_ptr + t * 16
     end = tl.minimum(start + chunk, tl.load(row + 7))
-    g_ptr = _ptr(row, 1, ref_ptr, False)
+    g_ptr = _ptr(row, 1, ref_ptr, ALIGN)
+    shift = tl.load(g_ptr + start).to(tl.float32)
     n = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
     mean = n
     m2 = n
     for off in range(start, end, BLOCK):
         e = off + tl.arange(0, BLOCK).to(tl.int64)
         mask = e < end
-        x = tl.load(g_ptr + e, mask=mask, other=0.0).to(tl.float32)
+        if off + BLOCK <= end:
+            x = _ld(g_ptr, e, mask, False)
+        else:
+            x = _ld(g_ptr, e, mask, True)
+        x = tl.where(mask, x - shift, 0.0)
         nb = tl.minimum(end - off, BLOCK).to(tl.float32)
         mb = tl.sum(x, axis=0) / nb
         d = tl.where(mask, x - mb, 0.0)
@@ -207,7 +220,7 @@ def _grad_stats_kernel(tab_ptr, ref_ptr, part_ptr, chunk_base, chunk, n_chunks, 
         m2 = m2 + m2b + delta * delta * (n * nb / ntot)
         n = ntot
     tl.store(part_ptr + pid, n)
-    tl.store(part_ptr + n_chunks + pid, mean)
+    tl.store(part_ptr + n_chunks + pid, mean + shift)
     tl.store(part_ptr + 2 * n_chunks + pid, m2)
 
 
@@ -278,19 +291,19 @@ def _adamw_kernel(tab_ptr, ref_ptr, coef_ptr, sigma_ptr, chunk_base, chunk, moda
                   beta2, one_minus_beta2, eps, lambda2, step_size, bc2_sqrt, seed_lo, seed_hi,
                   noise_step, USE_K: tl.constexpr, NOISE: tl.constexpr, ANCHOR: tl.constexpr,
                   HAS_W: tl.constexpr, AMSGRAD: tl.constexpr, PER_TENSOR_STEP: tl.constexpr,
-                  LERP_LOW: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                  LERP_LOW: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(tab_ptr + chunk_base + 2 * pid)
     start = tl.multiple_of(tl.load(tab_ptr + chunk_base + 2 * pid + 1), BLOCK)
     row = tab_ptr + t * 16
     end = tl.minimum(start + chunk, tl.load(row + 7))
-    p_ptr = _ptr(row, 0, ref_ptr, ALIGNED)
-    g_ptr = _ptr(row, 1, ref_ptr, ALIGNED)
-    m_ptr = _ptr(row, 2, ref_ptr, ALIGNED)
-    v_ptr = _ptr(row, 3, ref_ptr, ALIGNED)
+    p_ptr = _ptr(row, 0, ref_ptr, ALIGN)
+    g_ptr = _ptr(row, 1, ref_ptr, ALIGN)
+    m_ptr = _ptr(row, 2, ref_ptr, ALIGN)
+    v_ptr = _ptr(row, 3, ref_ptr, ALIGN)
     vmax_ptr = m_ptr
     if AMSGRAD:
-        vmax_ptr = _ptr(row, 4, ref_ptr, ALIGNED)
+        vmax_ptr = _ptr(row, 4, ref_ptr, ALIGN)
     if PER_TENSOR_STEP:
         step_size = _f32_field(row, 14)
         bc2_sqrt = _f32_field(row, 15)
@@ -312,12 +325,13 @@ def _adamw_kernel(tab_ptr, ref_ptr, coef_ptr, sigma_ptr, chunk_base, chunk, moda
     w_stride = 1
     has_w = False
     if ANCHOR:
-        a_ptr = _ptr(row, 5, ref_ptr, False)
+        a_ptr = _ptr(row, 5, ref_ptr, 1)
         a_n = tl.load(row + 8)
         if HAS_W:
-            w_ptr = _ptr(row, 6, ref_ptr, False)
-            has_w = tl.load(row + 6) != 0
-            w_stride = tl.load(row + 9)
+            w_ptr = _ptr(row, 6, ref_ptr, 1)
+            ws = tl.load(row + 9)
+            has_w = ws != 0
+            w_stride = tl.maximum(ws, 1)
     e_loc = (tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]).to(tl.int64)
     for off in range(start, end, BLOCK):
         e = off + e_loc
@@ -361,19 +375,19 @@ def _sgd_tile(p_ptr, g_ptr, b_ptr, a_ptr, w_ptr, e, mask, off, k, sigma, seed, t
 def _sgd_kernel(tab_ptr, ref_ptr, coef_ptr, sigma_ptr, chunk_base, chunk, modality, lr, momentum,
                 one_minus_dampening, weight_decay, lambda2, seed_lo, seed_hi, noise_step,
                 USE_K: tl.constexpr, NOISE: tl.constexpr, ANCHOR: tl.constexpr, HAS_W: tl.constexpr,
-                MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, ALIGNED: tl.constexpr,
+                MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, ALIGN: tl.constexpr,
                 BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(tab_ptr + chunk_base + 2 * pid)
     start = tl.multiple_of(tl.load(tab_ptr + chunk_base + 2 * pid + 1), BLOCK)
     row = tab_ptr + t * 16
     end = tl.minimum(start + chunk, tl.load(row + 7))
-    p_ptr = _ptr(row, 0, ref_ptr, ALIGNED)
-    g_ptr = _ptr(row, 1, ref_ptr, ALIGNED)
+    p_ptr = _ptr(row, 0, ref_ptr, ALIGN)
+    g_ptr = _ptr(row, 1, ref_ptr, ALIGN)
     b_ptr = p_ptr
     first = False
     if MOMENTUM:
-        b_ptr = _ptr(row, 2, ref_ptr, ALIGNED)
+        b_ptr = _ptr(row, 2, ref_ptr, ALIGN)
         first = tl.load(row + 11) != 0
     k = 1.0
     if USE_K:
@@ -393,12 +407,13 @@ def _sgd_kernel(tab_ptr, ref_ptr, coef_ptr, sigma_ptr, chunk_base, chunk, modali
     w_stride = 1
     has_w = False
     if ANCHOR:
-        a_ptr = _ptr(row, 5, ref_ptr, False)
+        a_ptr = _ptr(row, 5, ref_ptr, 1)
         a_n = tl.load(row + 8)
         if HAS_W:
-            w_ptr = _ptr(row, 6, ref_ptr, False)
-            has_w = tl.load(row + 6) != 0
-            w_stride = tl.load(row + 9)
+            w_ptr = _ptr(row, 6, ref_ptr, 1)
+            ws = tl.load(row + 9)
+            has_w = ws != 0
+            w_stride = tl.maximum(ws, 1)
     e_loc = (tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]).to(tl.int64)
     for off in range(start, end, BLOCK):
         e = off + e_loc
@@ -419,7 +434,7 @@ def _sgd_kernel(tab_ptr, ref_ptr, coef_ptr, sigma_ptr, chunk_base, chunk, modali
 
 _CACHE_SIZE = 64
 _table_cache: "collections.OrderedDict" = collections.OrderedDict()
-_capture_keepalive: list = []  # host buffers of tables copied inside a CUDA graph capture
+_capture_keepalive: list = []  # tables (and their host sources) used inside CUDA graph captures
 _lock = threading.Lock()
 
 
@@ -431,13 +446,31 @@ def _f32_bits(x: float) -> int:
     return struct.unpack("<i", struct.pack("<f", x))[0]
 
 
-def _addr(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
+class _Rel:
+    """Element offsets of tensors from the first parameter (what the table holds), and whether
+    every address seen is 16-byte aligned."""
+
+    def __init__(self, ref: torch.Tensor):
+        self.base = ref.data_ptr()
+        self.size = ref.element_size()
+        self.aligned = self.base % 16 == 0
+
+    def __call__(self, t: torch.Tensor, vector: bool = True) -> int:
+        addr = t.data_ptr()
+        diff = addr - self.base
+        if diff % self.size:
+            raise ValueError("mmcl_fast (triton): a tensor's address is not aligned to its element size")
+        if vector and addr % 16:
+            self.aligned = False
+        return diff // self.size
+
+    def align(self) -> int:
+        return 16 // self.size if self.aligned else 1
 
 
-@torch.compiler.disable
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _chunk_elems(total: int, device: torch.device) -> int:
@@ -445,7 +478,8 @@ def _chunk_elems(total: int, device: torch.device) -> int:
     enough to give every SM several programs."""
     if _INTERPRET or device.type != "cuda":
         return _BLOCK * _MAX_ITERS
-    target = 8 * _sm_count(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    target = 8 * _sm_count(index)
     iters = max(1, min(_MAX_ITERS, total // (_BLOCK * target)))
     iters = 1 << (iters.bit_length() - 1)
     return _BLOCK * iters
@@ -455,7 +489,7 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _table(rows: List[int], numels: List[int], chunk: int, device: torch.device):
+def _table(rows: List[int], numels: List[int], chunk: int, base: int, device: torch.device):
     """(device int64 table, number of chunks): rows (16 fields per tensor; _F_CB/_F_CE filled
     here), then (tensor, start) per chunk. Cached by content."""
     n_t = len(numels)
@@ -465,12 +499,14 @@ def _table(rows: List[int], numels: List[int], chunk: int, device: torch.device)
         rows[i * _NF + _F_CB] = c
         c += cnt
         rows[i * _NF + _F_CE] = c
-    key = (str(device), chunk, tuple(rows))
+    key = (str(device), base, chunk, tuple(rows))
     capturing = _capturing(device)
     with _lock:
         hit = _table_cache.get(key)
         if hit is not None:
             _table_cache.move_to_end(key)
+            if capturing:  # a captured graph keeps using it, even once evicted from the cache
+                _capture_keepalive.append(hit)
             return hit
     cnt_t = torch.tensor(counts, dtype=torch.int64)
     tidx = torch.repeat_interleave(torch.arange(n_t, dtype=torch.int64), cnt_t)
@@ -495,25 +531,25 @@ def _table(rows: List[int], numels: List[int], chunk: int, device: torch.device)
     return entry
 
 
-def _common_rows(params, grads, tensor_ids, anchors, anchor_weights, use_anchor):
-    """Rows with p, g, anchor fields, numel and tensor id filled; the state fields left 0."""
+def _common_rows(params, grads, tensor_ids, anchors, anchor_weights, use_anchor, rel):
+    """Rows with p, g, anchor fields, numel and tensor id filled; the state fields left 0.
+    Anchor weight field _F_WS: elements per weight entry, 0 when the tensor has no weight."""
     rows = [0] * (_NF * len(params))
     numels = []
     for i, (p, g) in enumerate(zip(params, grads)):
         b = i * _NF
         n = p.numel()
         numels.append(n)
-        rows[b + _F_P] = p.data_ptr()
-        rows[b + _F_G] = g.data_ptr()
+        rows[b + _F_P] = rel(p)
+        rows[b + _F_G] = rel(g)
         rows[b + _F_N] = n
-        rows[b + _F_WS] = 1
         rows[b + _F_TID] = (tensor_ids[i] if tensor_ids else i) & _MASK32
         if use_anchor and anchors[i] is not None:
             a = anchors[i]
             a_n = a.numel()
             if a_n > n:
                 raise ValueError(f"mmcl_fast: anchors[{i}] has more elements than params[{i}]")
-            rows[b + _F_A] = a.data_ptr()
+            rows[b + _F_A] = rel(a, vector=False)
             rows[b + _F_NA] = a_n
             w = anchor_weights[i] if anchor_weights else None
             if w is not None:
@@ -522,7 +558,7 @@ def _common_rows(params, grads, tensor_ids, anchors, anchor_weights, use_anchor)
                         f"mmcl_fast: anchor_weights[{i}] must hold 1, one per anchor row or one "
                         "per anchor element values"
                     )
-                rows[b + _F_W] = w.data_ptr()
+                rows[b + _F_W] = rel(w, vector=False)
                 rows[b + _F_WS] = max(1, a_n // w.numel())
     return rows, numels
 
@@ -549,18 +585,14 @@ def _check_inputs(params, lists, anchors, anchor_weights, use_anchor):
                     raise ValueError(f"mmcl_fast (triton): {name}[{i}] must be a contiguous {dtype} tensor on {dev}")
 
 
-def _aligned(rows, n_t, fields) -> bool:
-    return all(rows[i * _NF + f] % 16 == 0 for i in range(n_t) for f in fields)
-
-
-def _noise_sigma(tab, ref, n_t, n_chunks, chunk, device):
+def _noise_sigma(tab, ref, n_t, n_chunks, chunk, align, device):
     """Per-tensor sigma (float32 [T]) from the gradient stats: two launches."""
     buf = torch.empty(3 * max(n_chunks, 1) + n_t, dtype=torch.float32, device=device)
     part = buf[: 3 * max(n_chunks, 1)]
     sigma = buf[3 * max(n_chunks, 1):]
     if n_chunks > 0:
         _grad_stats_kernel[(n_chunks,)](tab, ref, part, n_t * _NF, chunk, max(n_chunks, 1),
-                                        BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+                                        ALIGN=align, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     _sigma_kernel[(n_t,)](tab, part, sigma, max(n_chunks, 1), PB=_PART_BLOCK, num_warps=_NUM_WARPS)
     return sigma
 
@@ -571,7 +603,8 @@ def _split_seed(seed: int):
 
 
 def _on_cpu_copies(fn, args, mutated):
-    """The interpreter reads raw addresses on the host: run on CPU copies, then copy back."""
+    """The interpreter brings only the argument tensors to the host, not the tensors reached by
+    offsets from the table: run on CPU copies of everything, then copy the results back."""
     def cpu(x):
         if isinstance(x, torch.Tensor):
             return x.detach().cpu().clone()
@@ -611,13 +644,14 @@ def _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, co
         raise ValueError("mmcl_fast (triton): tensor_ids must have one entry per parameter")
     has_w = use_anchor and bool(anchor_weights) and any(w is not None for w in anchor_weights)
 
-    rows, numels = _common_rows(params, grads, tensor_ids, anchors, anchor_weights, use_anchor)
+    rel = _Rel(params[0])
+    rows, numels = _common_rows(params, grads, tensor_ids, anchors, anchor_weights, use_anchor, rel)
     for i in range(n_t):
         b = i * _NF
-        rows[b + _F_S0] = exp_avgs[i].data_ptr()
-        rows[b + _F_S1] = exp_avg_sqs[i].data_ptr()
+        rows[b + _F_S0] = rel(exp_avgs[i])
+        rows[b + _F_S1] = rel(exp_avg_sqs[i])
         if amsgrad:
-            rows[b + _F_S2] = max_exp_avg_sqs[i].data_ptr()
+            rows[b + _F_S2] = rel(max_exp_avg_sqs[i])
 
     def corrections(s):
         return lr / (1.0 - beta1 ** s), math.sqrt(1.0 - beta2 ** s)
@@ -629,14 +663,13 @@ def _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, co
             ss, bc2 = corrections(s)
             rows[i * _NF + _F_SS] = _f32_bits(ss)
             rows[i * _NF + _F_BC2] = _f32_bits(bc2)
-    aligned = _aligned(rows, n_t, (_F_P, _F_G, _F_S0, _F_S1) + ((_F_S2,) if amsgrad else ()))
     chunk = _chunk_elems(sum(numels), device)
     with _device_guard(device):
-        tab, n_chunks = _table(rows, numels, chunk, device)
+        tab, n_chunks = _table(rows, numels, chunk, rel.base, device)
         if n_chunks == 0:
             return
         ref = params[0]
-        sigma = _noise_sigma(tab, ref, n_t, n_chunks, chunk, device) if noise_on else coefficients
+        sigma = _noise_sigma(tab, ref, n_t, n_chunks, chunk, rel.align(), device) if noise_on else coefficients
         seed_lo, seed_hi = _split_seed(seed)
         lerp_w = _f32(1.0 - beta1)
         _adamw_kernel[(n_chunks,)](
@@ -644,7 +677,7 @@ def _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, co
             1.0 - lr * weight_decay, lerp_w, beta2, 1.0 - beta2, eps, 2.0 * anchor_lambda,
             step_size, bc2_sqrt, seed_lo, seed_hi, noise_step & _MASK32,
             USE_K=modality >= 0, NOISE=noise_on, ANCHOR=use_anchor, HAS_W=has_w, AMSGRAD=amsgrad,
-            PER_TENSOR_STEP=per_tensor_step, LERP_LOW=abs(lerp_w) < 0.5, ALIGNED=aligned,
+            PER_TENSOR_STEP=per_tensor_step, LERP_LOW=abs(lerp_w) < 0.5, ALIGN=rel.align(),
             BLOCK=_BLOCK, num_warps=_NUM_WARPS,
         )
 
@@ -674,26 +707,26 @@ def _sgd_impl(params, grads, momentum_buffers, first_step, coefficients, modalit
         raise ValueError("mmcl_fast (triton): tensor_ids must have one entry per parameter")
     has_w = use_anchor and bool(anchor_weights) and any(w is not None for w in anchor_weights)
 
-    rows, numels = _common_rows(params, grads, tensor_ids, anchors, anchor_weights, use_anchor)
+    rel = _Rel(params[0])
+    rows, numels = _common_rows(params, grads, tensor_ids, anchors, anchor_weights, use_anchor, rel)
     if use_momentum:
         for i in range(n_t):
-            rows[i * _NF + _F_S0] = momentum_buffers[i].data_ptr()
+            rows[i * _NF + _F_S0] = rel(momentum_buffers[i])
             rows[i * _NF + _F_FIRST] = 1 if first_step[i] else 0
-    aligned = _aligned(rows, n_t, (_F_P, _F_G) + ((_F_S0,) if use_momentum else ()))
     chunk = _chunk_elems(sum(numels), device)
     with _device_guard(device):
-        tab, n_chunks = _table(rows, numels, chunk, device)
+        tab, n_chunks = _table(rows, numels, chunk, rel.base, device)
         if n_chunks == 0:
             return
         ref = params[0]
-        sigma = _noise_sigma(tab, ref, n_t, n_chunks, chunk, device) if noise_on else coefficients
+        sigma = _noise_sigma(tab, ref, n_t, n_chunks, chunk, rel.align(), device) if noise_on else coefficients
         seed_lo, seed_hi = _split_seed(seed)
         _sgd_kernel[(n_chunks,)](
             tab, ref, coefficients, sigma, n_t * _NF, chunk, max(modality, 0),
             lr, momentum, 1.0 - dampening, weight_decay, 2.0 * anchor_lambda,
             seed_lo, seed_hi, noise_step & _MASK32,
             USE_K=modality >= 0, NOISE=noise_on, ANCHOR=use_anchor, HAS_W=has_w,
-            MOMENTUM=use_momentum, NESTEROV=bool(nesterov) and use_momentum, ALIGNED=aligned,
+            MOMENTUM=use_momentum, NESTEROV=bool(nesterov) and use_momentum, ALIGN=rel.align(),
             BLOCK=_BLOCK, num_warps=_NUM_WARPS,
         )
 

@@ -20,6 +20,9 @@ echo "cuda_compile_check: $("$venv/bin/python" -c 'import torch; print("torch", 
 inc=$("$venv/bin/python" -c "import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))" 2>/dev/null || true)
 [ -n "$inc" ] && [ -d "$inc" ] && export CPATH="$inc${CPATH:+:$CPATH}"
 export PATH="$(dirname "$nvcc_bin"):$PATH"
+# /usr/local/bin/nvcc may be a wrapper script: torch would then take CUDA_HOME=/usr/local and find
+# no libcudart to link. Point it at the real toolkit.
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 MMCL_FAST_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=${MAX_JOBS:-2} \
   "$venv/bin/python" -m pip install --no-build-isolation --no-deps --force-reinstall . 2>&1 | tail -n 5
 echo "cuda_compile_check: compiled after $((SECONDS - t0)) s"

@@ -49,19 +49,17 @@ std::vector<Chunk> make_chunks(const at::TensorList params) {
   return chunks;
 }
 
-// log(x) for x in (0, 1]: exponent from the bits, mantissa folded into [sqrt(1/2), sqrt(2)) and
-// log(m) = 2 atanh((m-1)/(m+1)) by its odd series; |error| < 2e-7. Written branch-free so that
-// the loop around it vectorises.
+// log(x) for x > 0, branch-free so that the loop around it vectorises: x = 2^e * m with m folded
+// into [sqrt(1/2), sqrt(2)) by offsetting the bits (musl's logf trick), then
+// log(m) = 2 atanh(t), t = (m-1)/(m+1), by its odd series to t^9; |error| < 2e-7.
 MMCL_INLINE float log_unit(float x) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
-  int32_t e = static_cast<int32_t>((bits >> 23) & 0xffu) - 127;
-  uint32_t mbits = (bits & 0x7fffffu) | 0x3f800000u;
+  const uint32_t shifted = bits - 0x3f3504f3u;  // bits of sqrt(1/2)
+  const int32_t e = static_cast<int32_t>(shifted) >> 23;
+  const uint32_t mbits = (shifted & 0x7fffffu) + 0x3f3504f3u;
   float m;
   std::memcpy(&m, &mbits, sizeof(m));
-  const bool big = m > 1.41421356f;
-  m = big ? 0.5f * m : m;
-  e = big ? e + 1 : e;
   const float t = (m - 1.0f) / (m + 1.0f);
   const float t2 = t * t;
   const float series =
@@ -70,20 +68,21 @@ MMCL_INLINE float log_unit(float x) {
 }
 
 // sin and cos of 2*pi*u for u in (0, 1): quadrant q = round(4u), remainder r in [-pi/4, pi/4],
-// Taylor polynomials to r^9 / r^8 (|error| < 3e-8), then the quadrant's swap and signs.
+// Taylor polynomials to r^9 / r^8 (|error| < 3e-8), then the quadrant's swap and signs written as
+// arithmetic (no selects), so that the loop around it vectorises.
 MMCL_INLINE void sincos_2pi(float u, float& s, float& c) {
-  const float qf = std::nearbyint(4.0f * u);
-  const float r = (u - 0.25f * qf) * 6.28318531f;
+  const int32_t q = static_cast<int32_t>(4.0f * u + 0.5f);  // u > 0: truncation rounds
+  const float r = (u - 0.25f * static_cast<float>(q)) * 6.28318531f;
   const float r2 = r * r;
   const float sr =
       r * (1.0f + r2 * (-1.6666667e-1f + r2 * (8.3333333e-3f + r2 * (-1.9841270e-4f + r2 * 2.7557319e-6f))));
   const float cr =
       1.0f + r2 * (-0.5f + r2 * (4.1666667e-2f + r2 * (-1.3888889e-3f + r2 * 2.4801587e-5f)));
-  const int32_t q = static_cast<int32_t>(qf) & 3;
-  const float ss = (q & 1) ? cr : sr;
-  const float cc = (q & 1) ? sr : cr;
-  s = (q & 2) ? -ss : ss;
-  c = ((q + 1) & 2) ? -cc : cc;
+  const float odd = static_cast<float>(q & 1);
+  const float sin_sign = 1.0f - 2.0f * static_cast<float>((q >> 1) & 1);
+  const float cos_sign = 1.0f - 2.0f * static_cast<float>(((q + 1) >> 1) & 1);
+  s = sin_sign * (sr + odd * (cr - sr));
+  c = cos_sign * (cr + odd * (sr - cr));
 }
 
 struct NoiseKey {
@@ -91,28 +90,39 @@ struct NoiseKey {
 };
 
 // Standard normals for elements [begin, begin + kBlock) of one tensor; begin is a multiple of 4.
-MMCL_INLINE void fill_normal_block(float* out, int64_t begin, const NoiseKey& key) {
-  uint32_t w[4][kBlock / 4];
+// Group i's words (x0, x1) give elements 4i (cos) and 4i+1 (sin), (x2, x3) give 4i+2 and 4i+3:
+// the lane order of philox.h. Separate flat loops (Philox, Box-Muller, interleave), each of which
+// the compiler vectorises; a fused loop with strided stores does not.
+MMCL_INLINE void fill_normal_block(float* __restrict__ out, int64_t begin, const NoiseKey& key) {
+  constexpr int64_t kGroups = kBlock / 4;
+  uint32_t x[4][kGroups];
   const uint64_t g0 = static_cast<uint64_t>(begin) / 4;
-  for (int64_t i = 0; i < kBlock / 4; ++i) {
+  for (int64_t i = 0; i < kGroups; ++i) {
     const uint64_t g = g0 + static_cast<uint64_t>(i);
     const Philox4 r = philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32),
                                     key.tensor_id, key.step, key.seed_lo, key.seed_hi);
-    w[0][i] = r.x[0];
-    w[1][i] = r.x[1];
-    w[2][i] = r.x[2];
-    w[3][i] = r.x[3];
+    x[0][i] = r.x[0];
+    x[1][i] = r.x[1];
+    x[2][i] = r.x[2];
+    x[3][i] = r.x[3];
   }
-  for (int64_t i = 0; i < kBlock / 4; ++i) {
-    for (int pair = 0; pair < 2; ++pair) {
-      const float ua = philox_uniform24(w[2 * pair][i]);
-      const float ub = philox_uniform24(w[2 * pair + 1][i]);
-      const float rad = std::sqrt(-2.0f * log_unit(ua));
-      float s, c;
-      sincos_2pi(ub, s, c);
-      out[4 * i + 2 * pair] = rad * c;
-      out[4 * i + 2 * pair + 1] = rad * s;
-    }
+  float z[4][kGroups];
+  for (int64_t i = 0; i < kGroups; ++i) {
+    const float rad01 = std::sqrt(-2.0f * log_unit(philox_uniform24(x[0][i])));
+    const float rad23 = std::sqrt(-2.0f * log_unit(philox_uniform24(x[2][i])));
+    float s01, c01, s23, c23;
+    sincos_2pi(philox_uniform24(x[1][i]), s01, c01);
+    sincos_2pi(philox_uniform24(x[3][i]), s23, c23);
+    z[0][i] = rad01 * c01;
+    z[1][i] = rad01 * s01;
+    z[2][i] = rad23 * c23;
+    z[3][i] = rad23 * s23;
+  }
+  for (int64_t i = 0; i < kGroups; ++i) {
+    out[4 * i] = z[0][i];
+    out[4 * i + 1] = z[1][i];
+    out[4 * i + 2] = z[2][i];
+    out[4 * i + 3] = z[3][i];
   }
 }
 
@@ -167,18 +177,34 @@ MMCL_INLINE void modulated_grad_block(scalar_t* gbuf, const TensorJob<scalar_t>&
 template <typename scalar_t, bool NOISE, bool ANCHOR, bool AMSGRAD>
 MMCL_INLINE void adamw_chunk(const TensorJob<scalar_t>& j, int64_t begin, int64_t end, scalar_t k,
                              double lambda2) {
-  scalar_t gbuf[kBlock];
+  // The update of modality_step.h, with its constants hoisted into locals: the compiler then
+  // knows that the stores cannot change them and vectorises the loop without alias checks.
+  using T = scalar_t;
+  const T decay = T(1) - T(j.adam.lr) * T(j.adam.weight_decay);
+  const T b1 = T(j.adam.beta1), b2 = T(j.adam.beta2), one_b1 = T(1) - b1, one_b2 = T(1) - b2;
+  const T step_size = T(j.adam.step_size), inv_bc2 = T(1) / T(j.adam.bias_correction2_sqrt);
+  const T eps = T(j.adam.eps);
+  T gbuf[kBlock];
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int64_t n = std::min(kBlock, end - b0);
     modulated_grad_block<scalar_t, NOISE, ANCHOR>(gbuf, j, b0, n, k, lambda2);
-    scalar_t* __restrict__ p = j.p + b0;
-    scalar_t* __restrict__ m = j.s0 + b0;
-    scalar_t* __restrict__ v = j.s1 + b0;
-    scalar_t* __restrict__ vmax = AMSGRAD ? j.s2 + b0 : nullptr;
-    scalar_t unused = 0;
-    for (int64_t i = 0; i < n; ++i)
-      p[i] = adamw_element<AMSGRAD, scalar_t>(p[i], gbuf[i], m[i], v[i],
-                                              AMSGRAD ? vmax[i] : unused, j.adam);
+    T* __restrict__ p = j.p + b0;
+    T* __restrict__ m = j.s0 + b0;
+    T* __restrict__ v = j.s1 + b0;
+    T* __restrict__ vmax = AMSGRAD ? j.s2 + b0 : nullptr;
+    for (int64_t i = 0; i < n; ++i) {
+      const T g = gbuf[i];
+      const T mi = m[i] + one_b1 * (g - m[i]);
+      const T vi = b2 * v[i] + one_b2 * g * g;
+      m[i] = mi;
+      v[i] = vi;
+      T vv = vi;
+      if (AMSGRAD) {
+        vv = vmax[i] > vi ? vmax[i] : vi;
+        vmax[i] = vv;
+      }
+      p[i] = p[i] * decay - step_size * mi / (std::sqrt(vv) * inv_bc2 + eps);
+    }
   }
 }
 
@@ -251,15 +277,18 @@ std::vector<float> gradient_sigmas(const at::TensorList grads, const std::vector
     for (int64_t c = lo; c < hi; ++c) {
       const Chunk& ch = chunks[c];
       const scalar_t* g = grads[ch.tensor].const_data_ptr<scalar_t>();
-      double sum = 0.0;
-      for (int64_t i = ch.begin; i < ch.end; ++i) sum += static_cast<double>(g[i]);
-      const double n = static_cast<double>(ch.end - ch.begin);
-      const double mean = sum / n;
-      double m2 = 0.0;
+      // one pass of shifted sums (shift = the chunk's first value, so a large mean costs no
+      // precision), in double, which the compiler vectorises
+      const double shift = static_cast<double>(g[ch.begin]);
+      double s1 = 0.0, s2 = 0.0;
       for (int64_t i = ch.begin; i < ch.end; ++i) {
-        const double d = static_cast<double>(g[i]) - mean;
-        m2 += d * d;
+        const double d = static_cast<double>(g[i]) - shift;
+        s1 += d;
+        s2 += d * d;
       }
+      const double n = static_cast<double>(ch.end - ch.begin);
+      const double mean = shift + s1 / n;
+      const double m2 = std::max(0.0, s2 - s1 * s1 / n);
       part[c] = {n, mean, m2};
     }
   });

@@ -354,6 +354,8 @@ def _check_coefficients(coefficients, modality, params) -> torch.Tensor:
 
 def _common(params, grads, coefficients, modality, tensor_ids, anchors, anchor_weights, seed, noise_step):
     params = _check_params(params)
+    if not params:
+        return [], [], None, [], [], []
     grads = [g.detach() for g in _check_tensor_list("grads", grads, params)]
     for i, (g, p) in enumerate(zip(grads, params)):
         if g.dtype != p.dtype:
@@ -372,82 +374,104 @@ def _common(params, grads, coefficients, modality, tensor_ids, anchors, anchor_w
     return params, grads, coefficients, tensor_ids, anchors, anchor_weights
 
 
-def _pick(op, params, tensors):
-    contiguous = all(t.is_contiguous() for t in tensors if t is not None)
-    return _backend.choose_backend(op, params[0].device, params[0].dtype, contiguous=contiguous)
-
-
-def modality_adamw_(
+def validate_adamw_args(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=(), steps=None, *,
     coefficients: Optional[torch.Tensor] = None, modality: int = -1,
     lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
     weight_decay: float = 1e-2, noise: bool = False, seed: int = 0, noise_step: int = 0,
     tensor_ids: Optional[Sequence[int]] = None, anchors=None, anchor_weights=None,
     anchor_lambda: float = 0.0,
-) -> None:
-    """Fused, multi-tensor AdamW step with per-modality gradient modulation, in place.
-
-    params, grads, exp_avgs, exp_avg_sqs (and max_exp_avg_sqs for amsgrad, else empty) are lists of
-    one device and dtype; steps[i] is tensor i's step count AFTER this step (torch's convention).
-    k = coefficients[modality] is read on the device (modality -1: k = 1 and no noise).
-    """
+) -> Optional[tuple]:
+    """The checked positional arguments of the AdamW op (None when there is nothing to do);
+    a clear error naming the argument for anything wrong, before any tensor is touched."""
     params, grads, coefficients, tensor_ids, anchors, anchor_weights = _common(params, grads, coefficients, modality, tensor_ids, anchors, anchor_weights, seed, noise_step)
     if not params:
-        return
+        return None
     exp_avgs = _check_tensor_list("exp_avgs", exp_avgs, params)
     exp_avg_sqs = _check_tensor_list("exp_avg_sqs", exp_avg_sqs, params)
     max_exp_avg_sqs = _check_tensor_list("max_exp_avg_sqs", max_exp_avg_sqs, params) if len(max_exp_avg_sqs) else []
-    steps = [1.0] * len(params) if steps is None else [_finite("steps", s) for s in steps]
-    if len(steps) != len(params) or any(s < 1 for s in steps):
-        raise ValueError("steps must hold one count >= 1 per parameter")
+    steps = [1.0] * len(params) if steps is None else [float(s) for s in steps]
+    if len(steps) != len(params) or not all(math.isfinite(s) and s >= 1 for s in steps):
+        raise ValueError("steps must hold one finite count >= 1 per parameter")
     lr, beta1, beta2, eps, weight_decay, anchor_lambda = (_finite(n, v) for n, v in (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps), ("weight_decay", weight_decay), ("anchor_lambda", anchor_lambda)))
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         raise ValueError(f"betas must be in [0, 1), got ({beta1}, {beta2})")
-    name = _pick("modality_adamw_", params, params + grads + exp_avgs + exp_avg_sqs + max_exp_avg_sqs + anchors + anchor_weights)
-    args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, coefficients, modality, lr, beta1, beta2, eps, weight_decay, bool(noise), seed, noise_step, tensor_ids, anchors, anchor_weights, anchor_lambda)
-    if name == "reference":
-        with torch.no_grad():
-            _reference_adamw_(*args)
-    elif name == "triton":
-        from ..kernels import modality_step as _tk
-
-        _tk.modality_adamw_(*args)
-    else:
-        torch.ops.mmcl_fast.modality_adamw_(*args)
+    return (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, coefficients, modality, lr, beta1, beta2, eps, weight_decay, bool(noise), seed, noise_step, tensor_ids, anchors, anchor_weights, anchor_lambda)
 
 
-def modality_sgd_(
+def validate_sgd_args(
     params, grads, momentum_buffers=(), first_step=None, *,
     coefficients: Optional[torch.Tensor] = None, modality: int = -1,
     lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
     nesterov: bool = False, noise: bool = False, seed: int = 0, noise_step: int = 0,
     tensor_ids: Optional[Sequence[int]] = None, anchors=None, anchor_weights=None,
     anchor_lambda: float = 0.0,
-) -> None:
-    """Fused, multi-tensor SGD step (torch.optim.SGD semantics) with per-modality modulation.
-
-    momentum_buffers: one per param when momentum is used (else empty); first_step[i] true when
-    buffer i is new (torch then copies the gradient into it instead of averaging).
-    """
+) -> Optional[tuple]:
+    """The checked positional arguments of the SGD op (None when there is nothing to do)."""
     params, grads, coefficients, tensor_ids, anchors, anchor_weights = _common(params, grads, coefficients, modality, tensor_ids, anchors, anchor_weights, seed, noise_step)
     if not params:
-        return
+        return None
     momentum_buffers = _check_tensor_list("momentum_buffers", momentum_buffers, params) if len(momentum_buffers) else []
     first_step = [0] * len(params) if first_step is None else [int(bool(f)) for f in first_step]
     if len(first_step) != len(params):
         raise ValueError(f"first_step has {len(first_step)} entries but params has {len(params)}")
     lr, momentum, dampening, weight_decay, anchor_lambda = (_finite(n, v) for n, v in (("lr", lr), ("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay), ("anchor_lambda", anchor_lambda)))
-    name = _pick("modality_sgd_", params, params + grads + momentum_buffers + anchors + anchor_weights)
-    args = (params, grads, momentum_buffers, first_step, coefficients, modality, lr, momentum, dampening, weight_decay, bool(nesterov), bool(noise), seed, noise_step, tensor_ids, anchors, anchor_weights, anchor_lambda)
-    if name == "reference":
+    return (params, grads, momentum_buffers, first_step, coefficients, modality, lr, momentum, dampening, weight_decay, bool(nesterov), bool(noise), seed, noise_step, tensor_ids, anchors, anchor_weights, anchor_lambda)
+
+
+_REFERENCE = {"modality_adamw_": _reference_adamw_, "modality_sgd_": _reference_sgd_}
+# positions of the tensor lists in each op's arguments (for the contiguity check of the dispatch)
+_TENSOR_LISTS = {"modality_adamw_": (0, 1, 2, 3, 4, 17, 18), "modality_sgd_": (0, 1, 2, 15, 16)}
+
+
+def run_step(op: str, args: tuple, backend: Optional[str] = None) -> str:
+    """Run op ("modality_adamw_" or "modality_sgd_") on checked arguments on `backend` (default:
+    the dispatch's choice); returns the backend used. The optimizers call this directly with
+    arguments they checked once."""
+    params = args[0]
+    if backend is None:
+        contiguous = all(t.is_contiguous() for i in _TENSOR_LISTS[op] for t in args[i] if t is not None)
+        backend = _backend.choose_backend(op, params[0].device, params[0].dtype, contiguous=contiguous)
+    if backend == "reference":
         with torch.no_grad():
-            _reference_sgd_(*args)
-    elif name == "triton":
+            _REFERENCE[op](*args)
+    elif backend == "triton":
         from ..kernels import modality_step as _tk
 
-        _tk.modality_sgd_(*args)
+        getattr(_tk, op)(*args)
     else:
-        torch.ops.mmcl_fast.modality_sgd_(*args)
+        getattr(torch.ops.mmcl_fast, op)(*args)
+    return backend
+
+
+def modality_adamw_(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=(), steps=None, **kwargs
+) -> None:
+    """Fused, multi-tensor AdamW step with per-modality gradient modulation, in place.
+
+    params, grads, exp_avgs, exp_avg_sqs (and max_exp_avg_sqs for amsgrad, else empty) are lists of
+    one device and dtype; steps[i] is tensor i's step count AFTER this step (torch's convention).
+    Keyword arguments (see validate_adamw_args): coefficients, modality, lr, beta1, beta2, eps,
+    weight_decay, noise, seed, noise_step, tensor_ids, anchors, anchor_weights, anchor_lambda.
+    k = coefficients[modality] is read on the device (modality -1: k = 1 and no noise).
+    """
+    args = validate_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **kwargs)
+    if args is not None:
+        run_step("modality_adamw_", args)
+
+
+def modality_sgd_(params, grads, momentum_buffers=(), first_step=None, **kwargs) -> None:
+    """Fused, multi-tensor SGD step (torch.optim.SGD semantics) with per-modality modulation.
+
+    momentum_buffers: one per param when momentum is used (else empty); first_step[i] true when
+    buffer i is new (torch then copies the gradient into it instead of averaging). Keyword
+    arguments (see validate_sgd_args): coefficients, modality, lr, momentum, dampening,
+    weight_decay, nesterov, noise, seed, noise_step, tensor_ids, anchors, anchor_weights,
+    anchor_lambda.
+    """
+    args = validate_sgd_args(params, grads, momentum_buffers, first_step, **kwargs)
+    if args is not None:
+        run_step("modality_sgd_", args)
 
 
 def _register_fakes() -> None:

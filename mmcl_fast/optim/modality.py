@@ -23,6 +23,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
+from .. import backend as _backend
 from ..ops import modality_step as _ops
 
 
@@ -64,6 +65,7 @@ class _ModalityOptimizer(torch.optim.Optimizer):
         self._k_count = 0
         self._k_prev: Optional[torch.Tensor] = None
         self.last_coefficients: Optional[torch.Tensor] = None
+        self._plans: Dict[tuple, dict] = {}
 
     # -- groups ---------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -82,6 +84,7 @@ class _ModalityOptimizer(torch.optim.Optimizer):
         group["anchor_lambda"] = _real("anchor_lambda", group["anchor_lambda"])
         if hasattr(self, "modalities"):
             self.modalities = self._modality_order()
+            self._plans = {}
 
     @staticmethod
     def _normalise_anchor(group) -> Tuple[Optional[list], Optional[list]]:
@@ -209,28 +212,40 @@ class _ModalityOptimizer(torch.optim.Optimizer):
             return None, None
         return [group["anchor"][i] for i in idx], [group["anchor_weight"][i] for i in idx]
 
-    def _tensor_ids(self, group, idx) -> List[int]:
-        ids = self._param_ids()
-        return [ids[id(group["params"][i])] for i in idx]
-
     def _param_ids(self) -> Dict[int, int]:
-        ids = getattr(self, "_ids_cache", None)
-        n = sum(len(g["params"]) for g in self.param_groups)
-        if ids is None or len(ids) != n:
-            ids = {}
-            for g in self.param_groups:
-                for p in g["params"]:
-                    ids.setdefault(id(p), len(ids))
-            self._ids_cache = ids
+        """A stable index of every parameter of the optimizer: the noise's tensor id."""
+        ids: Dict[int, int] = {}
+        for g in self.param_groups:
+            for p in g["params"]:
+                ids.setdefault(id(p), len(ids))
         return ids
 
-    def _common_kwargs(self, group, idx, coef, midx):
-        anchors, weights = self._anchor_args(group, idx)
-        return dict(
-            coefficients=coef, modality=midx, noise=self.noise and midx >= 0, seed=self.seed,
-            noise_step=self._global_step, tensor_ids=self._tensor_ids(group, idx),
-            anchors=anchors, anchor_weights=weights, anchor_lambda=group["anchor_lambda"],
-        )
+    def _plan(self, group, idx, make):
+        """The checked, per-call-constant part of a group's op arguments, built (and validated in
+        full by the op's own checks) the first time a set of parameters steps, then reused: the
+        per-step Python work is then a few list builds, not a validation of every tensor."""
+        key = (id(group), tuple(idx), bool(group.get("amsgrad")), id(group["anchor"]))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = make()
+            self._plans[key] = plan
+        return plan
+
+    def _step_args(self, group, plan, coef, midx):
+        """The arguments that change from step to step, checked each time (they are few)."""
+        grads = [p.grad for p in plan["params"]]
+        for i, g in enumerate(grads):
+            if g.layout != torch.strided:
+                raise TypeError(f"the fused step takes dense gradients; parameter {plan['tensor_ids'][i]} has a {g.layout} gradient")
+        if coef is None:
+            coef = plan["ones"]
+        return grads, coef, dict(noise=self.noise and midx >= 0, seed=self.seed, noise_step=self._global_step)
+
+    def _run(self, op, plan, args):
+        device, dtype = plan["params"][0].device, plan["params"][0].dtype
+        contiguous = plan["contiguous"] and all(g.is_contiguous() for g in args[1])
+        backend = _backend.choose_backend(op, device, dtype, contiguous=contiguous)
+        _ops.run_step(op, args, backend)
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self):
@@ -250,6 +265,7 @@ class _ModalityOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("modality_state", None)
         super().load_state_dict(state_dict)
+        self._plans = {}  # the state tensors were replaced
         for group in self.param_groups:
             group["anchor"], group["anchor_weight"] = self._normalise_anchor(group)
         if extra is not None:
@@ -287,29 +303,41 @@ class ModalityAdamW(_ModalityOptimizer):
                          modulation_steps=modulation_steps, seed=seed, modalities=modalities)
 
     def _group_step(self, group, idx, coef, midx):
-        params = [group["params"][i] for i in idx]
-        grads, exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], [], []
-        for p in params:
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["amsgrad"]:
+        def make():
+            params = [group["params"][i] for i in idx]
+            for p in params:
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"] and "max_exp_avg_sq" not in state:
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            if group["amsgrad"]:
-                max_sqs.append(state["max_exp_avg_sq"])
-            steps.append(state["step"])
-        torch._foreach_add_(steps, 1.0)
+            ids = self._param_ids()
+            anchors, weights = self._anchor_args(group, idx)
+            states = [self.state[p] for p in params]
+            args = _ops.validate_adamw_args(
+                params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+                tensor_ids=[ids[id(p)] for p in params], anchors=anchors, anchor_weights=weights,
+                anchor_lambda=group["anchor_lambda"])
+            return dict(params=args[0], exp_avgs=args[2], exp_avg_sqs=args[3], max_sqs=args[4],
+                        steps=[s["step"] for s in states], tensor_ids=args[16], anchors=args[17],
+                        weights=args[18], ones=torch.ones(1, device=params[0].device),
+                        contiguous=all(t.is_contiguous() for t in args[0] + args[2] + args[3] + args[4]))
+
+        plan = self._plan(group, idx, make)
+        grads, coef, noise = self._step_args(group, plan, coef, midx)
+        torch._foreach_add_(plan["steps"], 1.0)
         beta1, beta2 = group["betas"]
-        _ops.modality_adamw_(
-            params, grads, exp_avgs, exp_avg_sqs, max_sqs, torch.stack(steps).tolist(),
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], **self._common_kwargs(group, idx, coef, midx),
-        )
+        lr, eps, weight_decay, anchor_lambda = (
+            _ops._finite(k, group[k]) for k in ("lr", "eps", "weight_decay", "anchor_lambda"))
+        args = (plan["params"], grads, plan["exp_avgs"], plan["exp_avg_sqs"], plan["max_sqs"],
+                torch.stack(plan["steps"]).tolist(), coef, midx, lr, _ops._finite("beta1", beta1),
+                _ops._finite("beta2", beta2), eps, weight_decay, noise["noise"], noise["seed"],
+                noise["noise_step"], plan["tensor_ids"], plan["anchors"], plan["weights"], anchor_lambda)
+        self._run("modality_adamw_", plan, args)
 
 
 class ModalitySGD(_ModalityOptimizer):
@@ -332,22 +360,37 @@ class ModalitySGD(_ModalityOptimizer):
                          modulation_steps=modulation_steps, seed=seed, modalities=modalities)
 
     def _group_step(self, group, idx, coef, midx):
-        params = [group["params"][i] for i in idx]
-        grads = [p.grad for p in params]
+        use_momentum = group["momentum"] != 0
+
+        def make():
+            params = [group["params"][i] for i in idx]
+            ids = self._param_ids()
+            anchors, weights = self._anchor_args(group, idx)
+            args = _ops.validate_sgd_args(
+                params, [p.grad for p in params], tensor_ids=[ids[id(p)] for p in params],
+                anchors=anchors, anchor_weights=weights, anchor_lambda=group["anchor_lambda"])
+            return dict(params=args[0], tensor_ids=args[14], anchors=args[15], weights=args[16],
+                        ones=torch.ones(1, device=params[0].device),
+                        contiguous=all(t.is_contiguous() for t in args[0]))
+
+        plan = self._plan(group, idx, make)
+        grads, coef, noise = self._step_args(group, plan, coef, midx)
         bufs, first = [], []
-        if group["momentum"] != 0:
-            for p in params:
+        if use_momentum:
+            for p in plan["params"]:
                 state = self.state[p]
                 buf = state.get("momentum_buffer")
-                first.append(buf is None)
+                first.append(int(buf is None))
                 if buf is None:
                     buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 bufs.append(buf)
-        _ops.modality_sgd_(
-            params, grads, bufs, first or None, lr=group["lr"], momentum=group["momentum"],
-            dampening=group["dampening"], weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"], **self._common_kwargs(group, idx, coef, midx),
-        )
+        contiguous_bufs = all(b.is_contiguous() for b in bufs)
+        lr, momentum, dampening, weight_decay, anchor_lambda = (
+            _ops._finite(k, group[k]) for k in ("lr", "momentum", "dampening", "weight_decay", "anchor_lambda"))
+        args = (plan["params"], grads, bufs, first or [0] * len(grads), coef, midx, lr, momentum,
+                dampening, weight_decay, bool(group["nesterov"]), noise["noise"], noise["seed"],
+                noise["noise_step"], plan["tensor_ids"], plan["anchors"], plan["weights"], anchor_lambda)
+        self._run("modality_sgd_", dict(plan, contiguous=plan["contiguous"] and contiguous_bufs), args)
 
 
 def param_groups_by_modality(
