@@ -76,7 +76,10 @@ def _sync(device):
 
 def _bench(benchmark, device, fn, setup, nbytes, rounds):
     benchmark.extra_info["bytes"] = nbytes
-    benchmark.extra_info["device"] = str(device)
+    benchmark.extra_info["device"] = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+    benchmark.extra_info["torch"] = torch.__version__
+    benchmark.extra_info["threads"] = torch.get_num_threads()
+    benchmark.extra_info["backends"] = ",".join(k for k, v in mmcl_fast.available_backends().items() if v)
 
     def run():
         fn()

@@ -45,7 +45,9 @@ def main(argv=None):
     mi = data.get("machine_info", {})
     print(f"# {mi.get('node', '?')}: {mi.get('cpu', {}).get('brand_raw', '?')}, python {mi.get('python_version', '?')}")
     if data["benchmarks"]:
-        print(f"# extra: {json.dumps(data['benchmarks'][0].get('extra_info', {}))}")
+        info = data["benchmarks"][0].get("extra_info", {})
+        print(f"# device {info.get('device', '?')}, torch {info.get('torch', '?')}, "
+              f"{info.get('threads', '?')} threads, backends present: {info.get('backends', '?')}")
     header = ("group", "competitor", "median ms", "x vs baseline", "GB/s")
     lines = []
     for r in rows(data):

@@ -20,8 +20,9 @@
 #include "../modality_step.h"
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-// Built once for AVX2+FMA and once generic; the loader picks the clone the CPU can run.
-#define MMCL_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+// Built once for x86-64-v3 (AVX2, FMA) and once generic; the loader picks the clone the CPU can
+// run. (Not "arch=haswell": that clone is chosen by CPU model, so AMD CPUs would never get it.)
+#define MMCL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #define MMCL_INLINE inline __attribute__((always_inline))
 #else
 #define MMCL_CPU_CLONES
@@ -266,6 +267,38 @@ MMCL_CPU_CLONES void sgd_chunk_dispatch(const TensorJob<scalar_t>& j, int64_t be
 #undef MMCL_SGD_CASE
 }
 
+// Mean and M2 (sum of squared deviations) of g[begin, end), cloned per instruction set.
+template <typename scalar_t>
+MMCL_CPU_CLONES void chunk_moments(const scalar_t* g, int64_t begin, int64_t end, double& mean,
+                                   double& m2) {
+  // one pass of shifted sums (shift = the chunk's first value, so a large mean costs no
+  // precision), in double, over 8 independent lanes so that the compiler may vectorise
+  // without reassociating a single sum
+  const double shift = static_cast<double>(g[begin]);
+  double l1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, l2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    for (int j = 0; j < 8; ++j) {
+      const double d = static_cast<double>(g[i + j]) - shift;
+      l1[j] += d;
+      l2[j] += d * d;
+    }
+  }
+  double s1 = 0.0, s2 = 0.0;
+  for (; i < end; ++i) {
+    const double d = static_cast<double>(g[i]) - shift;
+    s1 += d;
+    s2 += d * d;
+  }
+  for (int j = 0; j < 8; ++j) {
+    s1 += l1[j];
+    s2 += l2[j];
+  }
+  const double n = static_cast<double>(end - begin);
+  mean = shift + s1 / n;
+  m2 = std::max(0.0, s2 - s1 * s1 / n);
+}
+
 // Unbiased std of each gradient (0 for fewer than two elements), from per-chunk partials.
 template <typename scalar_t>
 std::vector<float> gradient_sigmas(const at::TensorList grads, const std::vector<Chunk>& chunks) {
@@ -277,18 +310,9 @@ std::vector<float> gradient_sigmas(const at::TensorList grads, const std::vector
     for (int64_t c = lo; c < hi; ++c) {
       const Chunk& ch = chunks[c];
       const scalar_t* g = grads[ch.tensor].const_data_ptr<scalar_t>();
-      // one pass of shifted sums (shift = the chunk's first value, so a large mean costs no
-      // precision), in double, which the compiler vectorises
-      const double shift = static_cast<double>(g[ch.begin]);
-      double s1 = 0.0, s2 = 0.0;
-      for (int64_t i = ch.begin; i < ch.end; ++i) {
-        const double d = static_cast<double>(g[i]) - shift;
-        s1 += d;
-        s2 += d * d;
-      }
+      double mean, m2;
+      chunk_moments<scalar_t>(g, ch.begin, ch.end, mean, m2);
       const double n = static_cast<double>(ch.end - ch.begin);
-      const double mean = shift + s1 / n;
-      const double m2 = std::max(0.0, s2 - s1 * s1 / n);
       part[c] = {n, mean, m2};
     }
   });
