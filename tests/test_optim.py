@@ -1,6 +1,5 @@
 """ModalityAdamW / ModalitySGD against torch.optim, and their own features."""
 import copy
-import math
 
 import pytest
 import torch
