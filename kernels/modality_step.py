@@ -176,7 +176,10 @@ def _modulated_grad(g, p, e, mask, off, k, sigma, seed, tid, step, a_ptr, w_ptr,
         am = mask & (e < a_n)
         diff = p - tl.load(a_ptr + e, mask=am, other=0.0).to(tl.float32)
         if HAS_W:
-            w = tl.load(w_ptr + e // w_stride, mask=am & has_w, other=1.0).to(tl.float32)
+            # elements past w_n read no weight (1); w_n = 0 for a tensor without weights. (A
+            # mask built as `am & has_w` is not boolean in triton 3.9's interpreter.)
+            w_n = tl.where(has_w, a_n, 0)
+            w = tl.load(w_ptr + e // w_stride, mask=mask & (e < w_n), other=1.0).to(tl.float32)
             diff = w * diff
         gm = tl.where(am, gm + lambda2 * diff, gm)
     return gm

@@ -11,7 +11,7 @@ if [ -z "$nvcc_bin" ]; then
   echo "cuda_compile_check: SKIPPED - nvcc is absent on this machine, the CUDA sources were not compiled"
   exit 0
 fi
-venv=${MMCL_FAST_CUDA_VENV:-.venv-cuda}
+venv=$(realpath -m "${MMCL_FAST_CUDA_VENV:-.venv-cuda}")  # absolute: the check below runs from /tmp
 t0=$SECONDS
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade "setuptools>=70" wheel ninja numpy

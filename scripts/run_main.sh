@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-venv=${MMCL_FAST_VENV:-.venv}
+venv=$(realpath -m "${MMCL_FAST_VENV:-.venv}")
 out=${MMCL_FAST_BENCH_JSON:-bench-modality_step.json}
 "$venv/bin/python" -m pytest benchmarks/bench_modality_step.py --benchmark-only \
   --benchmark-json="$out" -p no:cacheprovider -q "$@"

@@ -4,7 +4,7 @@
 # default (MMCL_FAST_TORCH overrides, e.g. "torch==2.14.1" for the CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv=${MMCL_FAST_VENV:-.venv}
+venv=$(realpath -m "${MMCL_FAST_VENV:-.venv}")
 torch_req=${MMCL_FAST_TORCH:-torch==2.13.0}
 py=${PYTHON:-python3}
 t0=$SECONDS

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-venv=${MMCL_FAST_VENV:-.venv}
+venv=$(realpath -m "${MMCL_FAST_VENV:-.venv}")
 TRITON_INTERPRET=1 MMCL_FAST_EXPECT_EXTENSION=1 "$venv/bin/python" -m pytest tests -q -ra "$@"
 # the benchmark files still run (each competitor once, at a small size, untimed)
 MMCL_FAST_BENCH_SMALL=1 "$venv/bin/python" -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider

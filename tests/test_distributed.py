@@ -98,6 +98,9 @@ def test_replicas_stay_bit_identical(noise, rank_results):
         assert torch.equal(a, b)
     start = _make(noise)[0]
     assert not torch.equal(r0["params"][0], start.vision.weight.detach())
+    if noise:  # the noise did act (and identically on both ranks)
+        quiet = rank_results[False][0]
+        assert not torch.equal(r0["params"][0], quiet["params"][0])
 
 
 def test_two_ranks_equal_one_process_on_the_whole_batch(rank_results):

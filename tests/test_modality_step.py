@@ -180,7 +180,8 @@ def test_step_noise_distribution(backend):
 # Every backend against the reference
 # ------------------------------------------------------------------------------------------------
 
-SHAPES = [(1,), (7,), (61, 3), (129,), (80, 33)]
+# (2 * 65536 + 7,) spans three chunks of the CPU and CUDA kernels (65536 elements each)
+SHAPES = [(1,), (7,), (61, 3), (129,), (80, 33), (2 * 65536 + 7,)]
 SMALL_SHAPES = [(1,), (7,), (13, 3), (129,)]
 
 
@@ -270,8 +271,8 @@ def test_sgd_backend_matches_reference(backend, momentum, dampening, nesterov, m
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("noise", [False, True])
 def test_float64_step_on_backend(backend, noise):
-    if backend == "triton":
-        pytest.skip("triton serves float32/float16 on the CPU interpreter")
+    if backend in ("triton", "reference"):
+        pytest.skip("triton serves float32/float16 on the CPU interpreter; the reference is the oracle")
     params, grads = _make(SHAPES, 2, torch.float64)
     kw = dict(amsgrad=True, modality=1, noise=noise, anchor_mode="row")
     # the noise itself is drawn in float32 (its log/sin/cos differ in the last bits per backend)
@@ -326,6 +327,12 @@ def test_step_rejects_params_on_different_devices():
 
 def test_step_rejects_mismatched_lists_and_values():
     params, grads, m, v = _adam_args()
+    with pytest.raises(ValueError, match="momentum_buffers"):
+        modality_sgd_(params, grads, momentum=0.9)
+    with pytest.raises(ValueError, match="same tensor twice"):
+        modality_sgd_([params[0], params[0]], grads)
+    with pytest.raises(ValueError, match="steps"):
+        modality_adamw_(params, grads, m, v, [], [0.0, 1.0])
     with pytest.raises(ValueError, match="grads"):
         modality_adamw_(params, grads[:1], m, v)
     with pytest.raises(ValueError, match=r"exp_avgs\[1\]"):
@@ -340,6 +347,28 @@ def test_step_rejects_mismatched_lists_and_values():
         modality_adamw_(params, grads, m, v, anchors=[torch.zeros(3), None], anchor_weights=[torch.ones(2), None], anchor_lambda=1.0)
     with pytest.raises(ValueError, match="betas"):
         modality_adamw_(params, grads, m, v, beta1=1.0)
+
+
+def test_any_python_int_seed():
+    """Seeds beyond int64 (the schema's type) are taken modulo 2^64, like the reference."""
+    g = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    for seed in (2**63, 2**64 - 1, -7):
+        out = {}
+        for backend in ("reference", "cpu"):
+            if mmcl_fast.backend.why_not(backend, torch.device("cpu"), torch.float32):
+                continue
+            p = [torch.zeros(64)]
+            with mmcl_fast.use_backend(backend):
+                modality_sgd_(p, [g], coefficients=torch.ones(1), modality=0, lr=1.0, noise=True, seed=seed)
+            out[backend] = p[0]
+        for other in out.values():
+            torch.testing.assert_close(other, out["reference"])
+        assert not torch.allclose(out["reference"], -g)  # the noise acted
+
+
+def test_empty_lists_are_a_no_op():
+    modality_adamw_([], [], [], [])
+    modality_sgd_([], [])
 
 
 def test_bad_input_leaves_tensors_untouched():

@@ -192,13 +192,70 @@ def test_state_dict_round_trip_resumes_exactly(cls, kw):
 def test_anchor_group_pulls_toward_the_anchor():
     emb = nn.Embedding(10, 4)
     old = emb.weight.detach().clone()[:6] + 1.0
-    opt = ModalitySGD([{"params": [emb.weight], "anchor": old, "anchor_weight": torch.rand(6), "anchor_lambda": 0.5}], lr=0.1)
-    emb.weight.grad = torch.zeros_like(emb.weight)
+    w = torch.rand(6) + 0.1
+    lam, lr = 0.5, 0.1
+    opt = ModalitySGD([{"params": [emb.weight], "anchor": old, "anchor_weight": w, "anchor_lambda": lam}], lr=lr)
+    grad = torch.randn(10, 4)
+    emb.weight.grad = grad.clone()
     before = emb.weight.detach().clone()
     opt.step()
-    moved = emb.weight.detach() - before
-    assert torch.all((moved[:6] * (old - before[:6])) >= 0)  # toward the anchor
-    assert torch.equal(moved[6:], torch.zeros_like(moved[6:]))  # rows without anchor: untouched
+    expect = before - lr * grad
+    expect[:6] -= lr * 2 * lam * w[:, None] * (before[:6] - old)
+    torch.testing.assert_close(emb.weight.detach(), expect)
+    # changing the group's anchor strength takes effect at the next step
+    opt.param_groups[0]["anchor_lambda"] = 0.0
+    before = emb.weight.detach().clone()
+    opt.step()
+    torch.testing.assert_close(emb.weight.detach(), before - lr * grad)
+
+
+def test_state_cleared_or_params_swapped_take_effect():
+    lin = nn.Linear(3, 2)
+    opt = ModalityAdamW(lin.parameters(), lr=0.1)
+    for p in lin.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.state.clear()
+    opt.step()
+    assert len(opt.state_dict()["state"]) == 2 and float(opt.state[lin.weight]["step"]) == 1.0
+    bigger = nn.Parameter(torch.zeros(5, 3))
+    bigger.grad = torch.ones_like(bigger)
+    opt.param_groups[0]["params"][0] = bigger
+    opt.step()
+    assert torch.all(bigger.detach() < 0)
+
+
+def test_step_bumps_version_counters_so_autograd_sees_the_change():
+    lin = nn.Linear(3, 2)
+    opt = ModalitySGD(lin.parameters(), lr=0.1)
+    y = (lin(torch.ones(1, 3, requires_grad=True)) ** 2).sum()
+    for p in lin.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.backward()
+
+
+def test_load_a_torch_optim_state_dict():
+    lin = nn.Linear(3, 2)
+    ref = torch.optim.AdamW(lin.parameters(), lr=0.1)
+    for p in lin.parameters():
+        p.grad = torch.ones_like(p)
+    ref.step()
+    opt = ModalityAdamW(lin.parameters(), lr=0.1)
+    opt.load_state_dict(ref.state_dict())
+    opt.step()
+    assert float(opt.state[lin.weight]["step"]) == 2.0
+
+
+def test_modality_added_after_a_task_with_carry():
+    model = TwoStream()
+    opt = ModalitySGD([{"params": model.vision.parameters(), "modality": "vision"}, {"params": model.head.parameters()}], lr=0.1, carry=0.5)
+    _train(model, opt, _batches(2), coefficients=torch.tensor([0.4]))
+    opt.end_task()
+    opt.add_param_group({"params": model.text.parameters(), "modality": "text"})
+    _train(model, opt, _batches(1), coefficients=torch.tensor([0.8, 0.6]))
+    torch.testing.assert_close(opt.last_coefficients, torch.tensor([0.5 * 0.4 + 0.5 * 0.8, 0.6]))
 
 
 def test_param_groups_by_modality():
@@ -257,6 +314,8 @@ def test_bad_hyperparameters():
         ModalityAdamW(model.parameters(), betas=(1.0, 0.9))
     with pytest.raises(ValueError, match="carry"):
         ModalityAdamW(model.parameters(), carry=1.5)
+    with pytest.raises(ValueError, match="weight_decay"):
+        ModalityAdamW(model.parameters(), weight_decay=float("inf"))
     with pytest.raises(ValueError, match="modulation_steps"):
         ModalityAdamW(model.parameters(), modulation_steps=(5, 2))
     with pytest.raises(ValueError, match="nesterov"):

@@ -443,6 +443,8 @@ void modality_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   const bool amsgrad = !max_exp_avg_sqs.empty();
   if (amsgrad) check_list(params, max_exp_avg_sqs, "max_exp_avg_sqs");
   TORCH_CHECK(steps.size() == params.size(), "mmcl_fast: steps must have one entry per parameter");
+  for (const double st : steps)
+    TORCH_CHECK(st >= 1.0, "mmcl_fast: steps must be counts >= 1 (the count after this step), got ", st);
   const bool noise_on = noise && modality >= 0;
   const bool any_anchor = anchors.size() > 0 && anchor_lambda != 0.0;
   const float k = read_coefficient(coefficients, modality);

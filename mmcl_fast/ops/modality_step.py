@@ -369,9 +369,20 @@ def _common(params, grads, coefficients, modality, tensor_ids, anchors, anchor_w
     if len(tensor_ids) != len(params):
         raise ValueError(f"tensor_ids has {len(tensor_ids)} entries but params has {len(params)}")
     anchors, anchor_weights = _check_anchors(anchors, anchor_weights, params)
-    if not isinstance(seed, int) or not isinstance(noise_step, int):
+    if not isinstance(seed, int) or isinstance(seed, bool) or not isinstance(noise_step, int) or isinstance(noise_step, bool):
         raise TypeError("seed and noise_step must be ints")
+    if len({id(p) for p in params}) != len(params):
+        raise ValueError("params holds the same tensor twice")
+    # Philox uses 32 bits of the tensor id (and of noise_step): keep them in range of the schema
+    tensor_ids = [t & _MASK32 for t in tensor_ids]
     return params, grads, coefficients, tensor_ids, anchors, anchor_weights
+
+
+def _seed64(seed: int) -> int:
+    """Any Python int as the signed int64 the schema takes, with the same 64 bits (the kernels and
+    the reference read it as unsigned)."""
+    seed &= (1 << 64) - 1
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
 def validate_adamw_args(
@@ -396,7 +407,7 @@ def validate_adamw_args(
     lr, beta1, beta2, eps, weight_decay, anchor_lambda = (_finite(n, v) for n, v in (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps), ("weight_decay", weight_decay), ("anchor_lambda", anchor_lambda)))
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         raise ValueError(f"betas must be in [0, 1), got ({beta1}, {beta2})")
-    return (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, coefficients, modality, lr, beta1, beta2, eps, weight_decay, bool(noise), seed, noise_step, tensor_ids, anchors, anchor_weights, anchor_lambda)
+    return (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, coefficients, modality, lr, beta1, beta2, eps, weight_decay, bool(noise), _seed64(seed), noise_step & _MASK32, tensor_ids, anchors, anchor_weights, anchor_lambda)
 
 
 def validate_sgd_args(
@@ -412,16 +423,20 @@ def validate_sgd_args(
     if not params:
         return None
     momentum_buffers = _check_tensor_list("momentum_buffers", momentum_buffers, params) if len(momentum_buffers) else []
+    if momentum != 0 and not momentum_buffers:
+        raise ValueError("momentum_buffers must hold one buffer per parameter when momentum != 0")
     first_step = [0] * len(params) if first_step is None else [int(bool(f)) for f in first_step]
     if len(first_step) != len(params):
         raise ValueError(f"first_step has {len(first_step)} entries but params has {len(params)}")
     lr, momentum, dampening, weight_decay, anchor_lambda = (_finite(n, v) for n, v in (("lr", lr), ("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay), ("anchor_lambda", anchor_lambda)))
-    return (params, grads, momentum_buffers, first_step, coefficients, modality, lr, momentum, dampening, weight_decay, bool(nesterov), bool(noise), seed, noise_step, tensor_ids, anchors, anchor_weights, anchor_lambda)
+    return (params, grads, momentum_buffers, first_step, coefficients, modality, lr, momentum, dampening, weight_decay, bool(nesterov), bool(noise), _seed64(seed), noise_step & _MASK32, tensor_ids, anchors, anchor_weights, anchor_lambda)
 
 
 _REFERENCE = {"modality_adamw_": _reference_adamw_, "modality_sgd_": _reference_sgd_}
 # positions of the tensor lists in each op's arguments (for the contiguity check of the dispatch)
 _TENSOR_LISTS = {"modality_adamw_": (0, 1, 2, 3, 4, 17, 18), "modality_sgd_": (0, 1, 2, 15, 16)}
+# positions of the lists each op writes
+_MUTATED = {"modality_adamw_": (0, 2, 3, 4), "modality_sgd_": (0, 2)}
 
 
 def run_step(op: str, args: tuple, backend: Optional[str] = None) -> str:
@@ -441,6 +456,15 @@ def run_step(op: str, args: tuple, backend: Optional[str] = None) -> str:
         getattr(_tk, op)(*args)
     else:
         getattr(torch.ops.mmcl_fast, op)(*args)
+    if backend != "reference":
+        # the kernels write through raw pointers: bump the version counters as an in-place torch
+        # op would, so that autograd still detects a parameter modified after it was saved
+        mutated = [t for i in _MUTATED[op] for t in args[i]]
+        try:
+            torch.autograd.graph.increment_version(mutated)
+        except TypeError:  # torch before 2.6 takes one tensor at a time
+            for t in mutated:
+                torch.autograd.graph.increment_version(t)
     return backend
 
 

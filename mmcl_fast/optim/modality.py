@@ -31,8 +31,8 @@ def _real(name: str, value, low: float = 0.0, high: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not (math.isfinite(value) or value == high == math.inf) or not (low <= value <= high):
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    if not math.isfinite(value) or not (low <= value <= high):
+        raise ValueError(f"{name} must be finite and in [{low}, {high}], got {value}")
     return value
 
 
@@ -164,6 +164,13 @@ class _ModalityOptimizer(torch.optim.Optimizer):
         if not self._in_window():
             self.last_coefficients = torch.ones_like(k)
             return None
+        if self._k_prev is not None and self._k_prev.numel() != k.numel():
+            # a modality joined after the last end_task(): it has no history to carry, so its
+            # coefficient is used as it is
+            prev = self._k_prev.to(k.device)
+            self._k_prev = torch.cat([prev, k[prev.numel():]]) if prev.numel() < k.numel() else prev[: k.numel()]
+        if self._k_sum is not None and self._k_sum.numel() != k.numel():
+            self._k_sum, self._k_count = None, 0  # the running mean restarts with the new modality
         if self.carry > 0 and self._k_prev is not None:
             k = self.carry * self._k_prev.to(k.device) + (1.0 - self.carry) * k
         self._k_sum = k.clone() if self._k_sum is None else self._k_sum + k.to(self._k_sum.device)
@@ -200,7 +207,8 @@ class _ModalityOptimizer(torch.optim.Optimizer):
                 coef = None
                 if midx >= 0:
                     if device not in k_on:
-                        k_on[device] = k.to(device, non_blocking=True)
+                        # to a GPU: asynchronous; to the CPU: the kernel reads it at once, so wait
+                        k_on[device] = k.to(device, non_blocking=device.type != "cpu")
                     coef = k_on[device]
                 self._group_step(group, idx, coef, midx)
         self._global_step += 1
@@ -224,9 +232,20 @@ class _ModalityOptimizer(torch.optim.Optimizer):
         """The checked, per-call-constant part of a group's op arguments, built (and validated in
         full by the op's own checks) the first time a set of parameters steps, then reused: the
         per-step Python work is then a few list builds, not a validation of every tensor."""
-        key = (id(group), tuple(idx), bool(group.get("amsgrad")), id(group["anchor"]))
+        params = group["params"]
+        anchors = group["anchor"] if group["anchor_lambda"] != 0.0 else None
+        key = (
+            id(group), bool(group.get("amsgrad")),
+            tuple(id(params[i]) for i in idx),
+            # replaced state (state.clear(), load_state_dict) or anchors: a new plan
+            tuple(id(self.state[params[i]].get("exp_avg")) for i in idx) if "amsgrad" in group else None,
+            None if anchors is None else (tuple(id(anchors[i]) for i in idx),
+                                          tuple(id(group["anchor_weight"][i]) for i in idx)),
+        )
         plan = self._plans.get(key)
         if plan is None:
+            if len(self._plans) >= 64:  # patterns of params without grads come and go
+                self._plans.clear()
             plan = make()
             self._plans[key] = plan
         return plan
@@ -266,7 +285,14 @@ class _ModalityOptimizer(torch.optim.Optimizer):
         extra = state_dict.pop("modality_state", None)
         super().load_state_dict(state_dict)
         self._plans = {}  # the state tensors were replaced
+        for st in self.state.values():
+            # the step counts are read on the host every step: keep them there (torch leaves them
+            # where map_location put them)
+            if isinstance(st.get("step"), torch.Tensor) and st["step"].device.type != "cpu":
+                st["step"] = st["step"].to("cpu", torch.float32)
         for group in self.param_groups:
+            for key, value in self.defaults.items():  # a torch.optim state dict lacks our keys
+                group.setdefault(key, value)
             group["anchor"], group["anchor_weight"] = self._normalise_anchor(group)
         if extra is not None:
             if list(extra["modalities"]) != list(self.modalities):
@@ -303,16 +329,19 @@ class ModalityAdamW(_ModalityOptimizer):
                          modulation_steps=modulation_steps, seed=seed, modalities=modalities)
 
     def _group_step(self, group, idx, coef, midx):
+        # state first: the plan's key holds the state tensors' identities
+        for i in idx:
+            p = group["params"][i]
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"] and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
         def make():
             params = [group["params"][i] for i in idx]
-            for p in params:
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["amsgrad"] and "max_exp_avg_sq" not in state:
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             ids = self._param_ids()
             anchors, weights = self._anchor_args(group, idx)
             states = [self.state[p] for p in params]
@@ -327,15 +356,15 @@ class ModalityAdamW(_ModalityOptimizer):
                         weights=args[18], ones=torch.ones(1, device=params[0].device),
                         contiguous=all(t.is_contiguous() for t in args[0] + args[2] + args[3] + args[4]))
 
+        beta1, beta2 = (_ops._finite(f"betas[{i}]", b) for i, b in enumerate(group["betas"]))
+        lr, eps, weight_decay, anchor_lambda = (
+            _ops._finite(k, group[k]) for k in ("lr", "eps", "weight_decay", "anchor_lambda"))
         plan = self._plan(group, idx, make)
         grads, coef, noise = self._step_args(group, plan, coef, midx)
         torch._foreach_add_(plan["steps"], 1.0)
-        beta1, beta2 = group["betas"]
-        lr, eps, weight_decay, anchor_lambda = (
-            _ops._finite(k, group[k]) for k in ("lr", "eps", "weight_decay", "anchor_lambda"))
         args = (plan["params"], grads, plan["exp_avgs"], plan["exp_avg_sqs"], plan["max_sqs"],
-                torch.stack(plan["steps"]).tolist(), coef, midx, lr, _ops._finite("beta1", beta1),
-                _ops._finite("beta2", beta2), eps, weight_decay, noise["noise"], noise["seed"],
+                torch.stack(plan["steps"]).tolist(), coef, midx, lr, beta1,
+                beta2, eps, weight_decay, noise["noise"], noise["seed"],
                 noise["noise_step"], plan["tensor_ids"], plan["anchors"], plan["weights"], anchor_lambda)
         self._run("modality_adamw_", plan, args)
 
