@@ -11,6 +11,9 @@
 // The anchor covers the first A elements of p (the old rows of an embedding table, or all of it);
 // its weight has 1 (scalar), R (one per row) or A (one per element) entries, and element e uses
 // weight index e / (A / numel(w)), which is the right index in all three cases.
+// The CUDA kernels and the CPU SGD loop call the functions below; the CPU AdamW loop
+// (csrc/cpu/modality_step.cpp, adamw_chunk) restates adamw_element with its constants hoisted
+// into locals, which the compiler needs to vectorise it.
 #pragma once
 #include <cmath>
 

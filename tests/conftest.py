@@ -29,8 +29,3 @@ def _reset_backend_choice():
     mmcl_fast.set_backend(None)
     yield
     mmcl_fast.set_backend(None)
-
-
-@pytest.fixture
-def dtype_tol():
-    return {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-10)}
