@@ -95,7 +95,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["mmcl_fast", "mmcl_fast.ops", "mmcl_fast.optim", "mmcl_fast.kernels"],
+    packages=["mmcl_fast", "mmcl_fast.ops", "mmcl_fast.optim", "mmcl_fast.nn", "mmcl_fast.kernels"],
     package_dir={"mmcl_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
@@ -107,6 +107,8 @@ setup(
         "triton": ["triton>=3.0"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "ninja", "triton>=3.0"],
         "bench": ["pytest-benchmark>=4", "ninja"],
+        # the drop-in modules for Hugging Face and timm models (optional: the core needs neither)
+        "integrations": ["transformers>=5", "timm>=1.0"],
     },
     zip_safe=False,
 )

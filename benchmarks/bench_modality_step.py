@@ -19,7 +19,7 @@ from torch import nn
 import mmcl_fast
 from mmcl_fast.optim import ModalityAdamW, param_groups_by_modality
 
-from conftest import present_backends, small
+from conftest import present_backends, run_bench, small
 
 K = {"vision": 0.6, "text": 1.0}
 
@@ -69,23 +69,8 @@ def _restore(model, grads):
         p.grad.copy_(g)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _bench(benchmark, device, fn, setup, nbytes, rounds):
-    benchmark.extra_info["bytes"] = nbytes
-    benchmark.extra_info["device"] = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
-    benchmark.extra_info["torch"] = torch.__version__
-    benchmark.extra_info["threads"] = torch.get_num_threads()
-    benchmark.extra_info["backends"] = ",".join(k for k, v in mmcl_fast.available_backends().items() if v)
-
-    def run():
-        fn()
-        _sync(device)
-
-    benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1, warmup_rounds=1)
+    run_bench(benchmark, device, fn, setup, rounds, bytes=nbytes)
 
 
 ROUNDS = 3 if small() else 15

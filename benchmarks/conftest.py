@@ -29,3 +29,24 @@ def present_backends(device: torch.device):
 @pytest.fixture(scope="session")
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_bench(benchmark, device, fn, setup=None, rounds=15, **extra_info):
+    """Time fn (synchronised on a GPU) `rounds` times after one warm-up round, recording the
+    machine, torch, threads, backends and any extra figures (bytes to move, peak memory...)."""
+    benchmark.extra_info.update(extra_info)
+    benchmark.extra_info["device"] = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+    benchmark.extra_info["torch"] = torch.__version__
+    benchmark.extra_info["threads"] = torch.get_num_threads()
+    benchmark.extra_info["backends"] = ",".join(k for k, v in mmcl_fast.available_backends().items() if v)
+
+    def run():
+        fn()
+        sync(device)
+
+    benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1, warmup_rounds=1)

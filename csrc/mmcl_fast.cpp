@@ -26,4 +26,16 @@ TORCH_LIBRARY(mmcl_fast, m) {
       "int[] first_step, Tensor coefficients, int modality, float lr, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool noise, int seed, int noise_step, "
       "int[] tensor_ids, Tensor?[] anchors, Tensor?[] anchor_weights, float anchor_lambda) -> ()");
+
+  // Op family B: shared-key attention, flash-style (DESIGN.md section 5.2). k is [B or 1, H, Lk, D]
+  // (1: a key bank shared by the batch), bias [B or 1, H, Lq, Lk]; lse and colsum are float32
+  // (float64 for float64 inputs); colsum (the column sums of P over valid queries) and dbias are
+  // empty tensors unless asked for. grad_colsum is the loss's gradient with respect to colsum.
+  m.def(
+      "ska_forward(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? key_padding_mask, "
+      "Tensor? query_padding_mask, float scale, bool need_colsum) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ska_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, "
+      "Tensor? key_padding_mask, Tensor? query_padding_mask, Tensor out, Tensor lse, "
+      "Tensor? grad_colsum, float scale, bool need_dbias) -> (Tensor, Tensor, Tensor, Tensor)");
 }

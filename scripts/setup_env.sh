@@ -1,19 +1,41 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the virtual environment ${MMCL_FAST_VENV:-.venv} and installs mmcl_fast into it
-# in editable mode with its test extras, compiling mmcl_fast._C. Torch: the CPU build 2.13.0 by
-# default (MMCL_FAST_TORCH overrides, e.g. "torch==2.14.1" for the CUDA build).
+# in editable mode with its test and integration extras, compiling mmcl_fast._C.
+# Torch: ${MMCL_FAST_TORCH:-torch==2.14.1} with ${MMCL_FAST_TORCHVISION:-torchvision==0.29.1}: the
+# pair that timm and transformers (the drop-in tests) need; it runs on the CPU too. With
+# MMCL_FAST_TORCH="torch==2.13.0" MMCL_FAST_TORCHVISION="" you get the small CPU build instead
+# (the timm/transformers tests then skip).
+# When nvcc is found, the CUDA toolkit is set up for the build (CUDA_HOME, the cu13 headers of the
+# torch wheel on CPATH); the CUDA kernels are then compiled too (MMCL_FAST_FORCE_CUDA=1 insists).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=$(realpath -m "${MMCL_FAST_VENV:-.venv}")
-torch_req=${MMCL_FAST_TORCH:-torch==2.13.0}
+torch_req=${MMCL_FAST_TORCH:-torch==2.14.1}
+vision_req=${MMCL_FAST_TORCHVISION-torchvision==0.29.1}
 py=${PYTHON:-python3}
 t0=$SECONDS
 if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install -q --upgrade "setuptools>=70" wheel ninja
-"$venv/bin/python" -m pip install -q "$torch_req"
+# torch (and the torchvision built for it) first and pinned together, so that installing timm
+# below cannot swap torch for another build
+"$venv/bin/python" -m pip install -q "$torch_req" $vision_req
 echo "setup_env: torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)') ready after $((SECONDS - t0)) s" >&2
-# --no-build-isolation: the build must use this torch, not fetch its own
-MAX_JOBS=${MAX_JOBS:-2} "$venv/bin/python" -m pip install -q --no-build-isolation -e ".[test]"
+extras="test"
+[ -n "$vision_req" ] && extras="test,integrations"
+nvcc_bin=$(command -v nvcc || true)
+[ -z "$nvcc_bin" ] && [ -x /usr/local/cuda/bin/nvcc ] && nvcc_bin=/usr/local/cuda/bin/nvcc
+if [ -n "$nvcc_bin" ] && "$venv/bin/python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
+  export PATH="$(dirname "$nvcc_bin"):$PATH"
+  # /usr/local/bin/nvcc may be a wrapper script: torch would then take CUDA_HOME=/usr/local and
+  # find no libcudart to link. Point it at the real toolkit.
+  if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+  inc=$("$venv/bin/python" -c "import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))" 2>/dev/null || true)
+  if [ -n "$inc" ] && [ -d "$inc" ]; then export CPATH="$inc${CPATH:+:$CPATH}"; fi
+  echo "setup_env: nvcc found ($("$nvcc_bin" --version | tail -1)): the CUDA kernels are compiled too" >&2
+fi
+# --no-build-isolation: the build must use this torch, not fetch its own. Pinning torch again keeps
+# pip from replacing it while it resolves the extras.
+MAX_JOBS=${MAX_JOBS:-2} "$venv/bin/python" -m pip install -q --no-build-isolation -e ".[$extras]" "$torch_req" $vision_req
 echo "setup_env: mmcl_fast installed (extension compiled) after $((SECONDS - t0)) s" >&2

@@ -7,6 +7,12 @@ from .modality_step import (
     philox_normal,
     split_head_logits,
 )
+from .shared_key_attention import (
+    asymmetric_relu_distance,
+    pooled_attention_maps,
+    shared_key_attention,
+    shared_key_attention_distill,
+)
 
 __all__ = [
     "modality_scores",
@@ -15,4 +21,8 @@ __all__ = [
     "modality_adamw_",
     "modality_sgd_",
     "philox_normal",
+    "shared_key_attention",
+    "shared_key_attention_distill",
+    "pooled_attention_maps",
+    "asymmetric_relu_distance",
 ]

@@ -1,0 +1,437 @@
+"""Op family B: shared-key attention with on-the-fly asymmetric ReLU distillation (DESIGN.md 5).
+
+Shapes: q [B, H, Lq, D]; k [H, Lk, D] (a key bank shared by the batch, MSPT's case) or
+[B, H, Lk, D]; v [B, H, Lk, D]; bias [H, Lq, Lk] or [B, H, Lq, Lk] (or [1, H, Lq, Lk]) or None;
+key_padding_mask [B, Lk] bool (True = padded) or None; query_padding_mask [B, Lq] bool or None
+(it only affects the pooling); scale defaults to 1/sqrt(D).
+
+    S_ij = scale q_i.k_j + bias_ij     (padded keys: -inf)
+    P    = softmax_j(S)                (a row with no valid key: P = 0, out = 0)
+    out  = P v
+
+Pooled maps per (b, h), over valid positions only (invalid positions hold 0), of A = S ("scores",
+MSPT's choice) or A = P ("probs"):  width w_i = sum_j A_ij,  height u_j = sum_i A_ij.
+Asymmetric ReLU distillation against a teacher's maps, n(x) = x / max(||x||, 1e-12) if normalize:
+
+    d_w = || ReLU(n(w_teacher) - n(w)) ||,  d_u likewise;  loss = mean over (b, h) of
+    d_w (pool "width") | d_u ("height") | d_w + d_u ("both")
+
+Nothing of size [B, H, Lq, Lk] is materialised outside the reference backend: attention runs
+flash-style in the kernels (online softmax, lse saved, P recomputed in the backward); in "scores"
+space the maps have closed forms, w_i = scale q_i.(sum_j valid k_j) + sum_j valid bias_ij and
+u_j = scale (sum_i valid q_i).k_j + sum_i valid bias_ij, O((Lq + Lk) D) with their gradients by
+autograd; in "probs" space the height map is the column sum of P that the kernels accumulate, and
+its gradient G_j enters the kernels' backward as dS = P (dP + G - rowsum(P (dP + G))).
+
+The reference backend (plain PyTorch, the spec) materialises S and P, as the seed code does.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .. import backend as _backend
+
+SPACES = ("scores", "probs")
+POOLS = ("width", "height", "both")
+_NORM_EPS = 1e-12
+_OP = "shared_key_attention"
+# On a GPU the Triton kernels (tensor-core tl.dot) come first, the CUDA kernels second.
+_GPU_PREFERENCE = ("triton", "cuda")
+
+
+# -- validation ---------------------------------------------------------------------------------
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _check_inputs(q, k, v, bias, key_padding_mask, query_padding_mask, scale, *, need_v=True):
+    """Checks every argument (naming it) before any kernel runs; returns (B, H, Lq, Lk, D, scale)."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"q must be a 4-D tensor [B, H, Lq, D], got {_shape(q) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    if not q.is_floating_point():
+        raise TypeError(f"q must be a floating-point tensor, got {q.dtype}")
+    B, H, Lq, D = q.shape
+    if not isinstance(k, torch.Tensor) or k.dim() not in (3, 4):
+        raise ValueError("k must be a key bank [H, Lk, D] or keys [B, H, Lk, D], got "
+                         + (_shape(k) if isinstance(k, torch.Tensor) else type(k).__name__))
+    if k.dtype != q.dtype:
+        raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
+    kb = k if k.dim() == 4 else k.unsqueeze(0)
+    if kb.shape[0] not in (1, B) or kb.shape[1] != H or kb.shape[3] != D:
+        raise ValueError(f"k {_shape(k)} does not match q {_shape(q)}: heads must be {H} and head dim {D}"
+                         + (f", batch {B} or 1" if k.dim() == 4 else ""))
+    Lk = kb.shape[2]
+    if B == 0 or H == 0 or Lq == 0 or Lk == 0 or D == 0:
+        raise ValueError(f"empty input: q {_shape(q)}, k {_shape(k)}")
+    if need_v:
+        if not isinstance(v, torch.Tensor) or v.dim() != 4:
+            raise ValueError(f"v must be a 4-D tensor [B, H, Lk, D], got {_shape(v) if isinstance(v, torch.Tensor) else type(v).__name__}")
+        if v.dtype != q.dtype:
+            raise TypeError(f"v must have q's dtype {q.dtype}, got {v.dtype}")
+        if tuple(v.shape) != (B, H, Lk, D):
+            raise ValueError(f"v must be [B, H, Lk, D] = [{B}, {H}, {Lk}, {D}], got {_shape(v)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
+        if bias.dtype != q.dtype:
+            raise TypeError(f"bias must have q's dtype {q.dtype}, got {bias.dtype}")
+        ok = (bias.dim() == 3 and tuple(bias.shape) == (H, Lq, Lk)) or (
+            bias.dim() == 4 and bias.shape[0] in (1, B) and tuple(bias.shape[1:]) == (H, Lq, Lk))
+        if not ok:
+            raise ValueError(f"bias must be [H, Lq, Lk] = [{H}, {Lq}, {Lk}] or [B or 1, H, Lq, Lk], got {_shape(bias)}")
+    for name, mask, length in (("key_padding_mask", key_padding_mask, Lk),
+                               ("query_padding_mask", query_padding_mask, Lq)):
+        if mask is None:
+            continue
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{name} must be a bool tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{name} must be a bool tensor (True = padded), got {mask.dtype}")
+        if tuple(mask.shape) != (B, length):
+            raise ValueError(f"{name} must be [B, {'Lk' if length == Lk and name[0] == 'k' else 'Lq'}] = [{B}, {length}], got {_shape(mask)}")
+    devices = {t.device for t in (q, k, v if need_v else q, bias, key_padding_mask, query_padding_mask)
+               if isinstance(t, torch.Tensor)}
+    if len(devices) > 1:
+        raise ValueError(f"q, k, v, bias and the masks must be on one device, got {sorted(map(str, devices))}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    else:
+        try:
+            scale = float(scale)
+        except (TypeError, ValueError):
+            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}") from None
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+    return B, H, Lq, Lk, D, scale
+
+
+def _check_space_pool(space, pool):
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if space == "probs" and pool != "height":
+        raise ValueError(f"pool={pool!r} is not supported in space 'probs': every row of P sums to 1, so its "
+                         "width pooling carries no information; use pool='height' (or space='scores')")
+
+
+def _check_teacher(name, t, shape, q):
+    if t is None:
+        raise ValueError(f"{name} is required for this pool (the teacher's pooled map, shape {list(shape)})")
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must be {list(shape)} (the teacher's pooled map for these inputs), got {_shape(t)}")
+    if t.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+
+
+def _choose(q) -> str:
+    return _backend.choose_backend(_OP, q.device, q.dtype, contiguous=True, gpu_preference=_GPU_PREFERENCE)
+
+
+# -- the reference (the spec: materialised S and P, as the seed code does) ----------------------
+def _as_batched(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t if t is None or t.dim() == 4 else t.unsqueeze(0)
+
+
+def _reference_scores(q, k, bias, key_padding_mask, scale):
+    """S without the key mask: scale q k^T + bias, [B, H, Lq, Lk]."""
+    S = torch.matmul(q, _as_batched(k).transpose(-1, -2)) * scale
+    if bias is not None:
+        S = S + _as_batched(bias)
+    return S
+
+
+def _reference_probs(S, key_padding_mask):
+    if key_padding_mask is not None:
+        S = S.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    empty = torch.isneginf(S).all(dim=-1, keepdim=True)
+    P = torch.softmax(S.masked_fill(empty, 0.0), dim=-1)
+    return P.masked_fill(empty, 0.0)
+
+
+def reference_attention(q, k, v, bias=None, key_padding_mask=None, scale=None):
+    """The spec of the attention output, materialising S and P (no checks)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    P = _reference_probs(_reference_scores(q, k, bias, key_padding_mask, scale), key_padding_mask)
+    return torch.matmul(P, v)
+
+
+def _valid(mask, like):
+    """1 for valid positions, 0 for padded ones, as `like`'s dtype; None when there is no mask."""
+    return None if mask is None else (~mask).to(like.dtype)
+
+
+def reference_pooled_maps(q, k, bias=None, key_padding_mask=None, query_padding_mask=None, scale=None,
+                          space="scores"):
+    """The spec of the pooled maps: width [B, H, Lq] and height [B, H, Lk] of the materialised map."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    S = _reference_scores(q, k, bias, key_padding_mask, scale)
+    A = S if space == "scores" else _reference_probs(S, key_padding_mask)
+    B, H, Lq, Lk = A.shape
+    kv = torch.ones(B, Lk, dtype=A.dtype, device=A.device) if key_padding_mask is None else _valid(key_padding_mask, A)
+    qv = torch.ones(B, Lq, dtype=A.dtype, device=A.device) if query_padding_mask is None else _valid(query_padding_mask, A)
+    valid = qv[:, None, :, None] * kv[:, None, None, :]
+    A = torch.where(valid > 0, A, torch.zeros((), dtype=A.dtype, device=A.device))
+    return A.sum(-1) * qv[:, None, :], A.sum(-2) * kv[:, None, :]
+
+
+# -- the distillation loss (shared by every backend: it works on [B, H, L] vectors) ---------------
+def _normalise(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    if not normalize:
+        return x
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
+
+
+def _norm0(x: torch.Tensor) -> torch.Tensor:
+    """||x|| over the last dim, with gradient 0 (not NaN) where x = 0."""
+    ss = (x * x).sum(-1)
+    pos = ss > 0
+    return torch.where(pos, ss.clamp_min(torch.finfo(ss.dtype).tiny).sqrt(), torch.zeros_like(ss))
+
+
+def asymmetric_relu_distance(teacher: torch.Tensor, student: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """|| ReLU(n(teacher) - n(student)) || over the last dim: attention the teacher had and the
+    student lost is penalised, new attention is free."""
+    return _norm0(torch.relu(_normalise(teacher, normalize) - _normalise(student, normalize)))
+
+
+def distill_loss(width, height, teacher_width, teacher_height, pool="width", normalize=True) -> torch.Tensor:
+    """loss = mean over (b, h) of d_w, d_u or d_w + d_u (in float32, or float64 if any map is)."""
+    maps = [t for t in (width, height, teacher_width, teacher_height) if t is not None]
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in maps) else torch.float32
+
+    def up(t):
+        return t.to(acc)
+
+    d = 0
+    if pool in ("width", "both"):
+        d = d + asymmetric_relu_distance(up(teacher_width), up(width), normalize)
+    if pool in ("height", "both"):
+        d = d + asymmetric_relu_distance(up(teacher_height), up(height), normalize)
+    return d.mean()
+
+
+# -- closed forms of the "scores" maps -----------------------------------------------------------
+def _closed_form_maps(q, k, bias, key_padding_mask, query_padding_mask, scale, want_width=True, want_height=True):
+    """width/height of S without materialising it: O((Lq + Lk) D) plus one pass over the bias."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf = q.to(acc), k.to(acc)
+    bf = None if bias is None else bias.to(acc)
+    kv, qv = _valid(key_padding_mask, qf), _valid(query_padding_mask, qf)
+    bank = k.dim() == 3
+    width = height = None
+    if want_width:
+        if kv is None:
+            ksum = kf.sum(-2)                                            # [H, D] or [B, H, D]
+        else:
+            ksum = torch.einsum("bk,hkd->bhd", kv, kf) if bank else torch.einsum("bk,bhkd->bhd", kv, kf)
+        width = scale * torch.matmul(qf, ksum.unsqueeze(-1)).squeeze(-1)  # [B, H, Lq]
+        if bf is not None:
+            if kv is None:
+                width = width + bf.sum(-1)
+            else:
+                width = width + (torch.einsum("hqk,bk->bhq", bf, kv) if bf.dim() == 3
+                                 else torch.einsum("xhqk,bk->bhq", bf, kv) if bf.shape[0] == 1
+                                 else torch.einsum("bhqk,bk->bhq", bf, kv))
+        if qv is not None:
+            width = width * qv[:, None, :]
+        if kv is not None:  # a query with no valid key has an empty row
+            width = width * (kv.sum(-1) > 0).to(acc)[:, None, None]
+    if want_height:
+        qsum = qf.sum(-2) if qv is None else torch.einsum("bq,bhqd->bhd", qv, qf)  # [B, H, D]
+        height = scale * (torch.einsum("bhd,hkd->bhk", qsum, kf) if bank
+                          else torch.matmul(kf, qsum.unsqueeze(-1)).squeeze(-1))
+        if bf is not None:
+            if qv is None:
+                height = height + bf.sum(-2)
+            else:
+                height = height + (torch.einsum("hqk,bq->bhk", bf, qv) if bf.dim() == 3
+                                   else torch.einsum("xhqk,bq->bhk", bf, qv) if bf.shape[0] == 1
+                                   else torch.einsum("bhqk,bq->bhk", bf, qv))
+        if kv is not None:
+            height = height * kv[:, None, :]
+    return width, height
+
+
+# -- the kernels ---------------------------------------------------------------------------------
+def _kernel_ops(backend: str):
+    if backend == "triton":
+        from ..kernels import shared_key_attention as _tk  # noqa: F401  (registers the ops)
+
+        return torch.ops.mmcl_fast.ska_forward_triton, torch.ops.mmcl_fast.ska_backward_triton
+    return torch.ops.mmcl_fast.ska_forward, torch.ops.mmcl_fast.ska_backward
+
+
+def _kernel_forward(backend, q, k, v, bias, key_padding_mask, query_padding_mask, scale, need_colsum):
+    fwd, _ = _kernel_ops(backend)
+    k4 = _as_batched(k).contiguous()
+    b4 = None if bias is None else _as_batched(bias).contiguous()
+    kpm = None if key_padding_mask is None else key_padding_mask.contiguous()
+    qpm = None if query_padding_mask is None else query_padding_mask.contiguous()
+    out, lse, colsum = fwd(q.contiguous(), k4, v.contiguous(), b4, kpm, qpm, scale, need_colsum)
+    return out, lse, colsum
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, kpm, qpm, scale, _ = inputs
+    out, lse, _ = output
+    ctx.save_for_backward(q, k, v, bias, kpm, qpm, out, lse)
+    ctx.scale = scale
+
+
+def _make_backward(backward_op):
+    def _backward(ctx, grad_out, grad_lse, grad_colsum):
+        q, k, v, bias, kpm, qpm, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        need_dbias = bias is not None and ctx.needs_input_grad[3]
+        gc = None if grad_colsum is None or grad_colsum.numel() == 0 else grad_colsum.to(lse.dtype).contiguous()
+        dq, dk, dv, dbias = backward_op(grad_out.contiguous(), q, k, v, bias, kpm, qpm, out, lse, gc,
+                                        ctx.scale, need_dbias)
+        return dq, dk, dv, (dbias if need_dbias else None), None, None, None, None
+    return _backward
+
+
+def _register() -> None:
+    """Fake kernels and autograd formulas of the C++ ops (the Triton ops get theirs when their
+    module is first imported, see _register_triton)."""
+    if not _backend.extension_loaded() or not _has_op("ska_forward"):
+        return
+    lib_fwd, lib_bwd = "mmcl_fast::ska_forward", "mmcl_fast::ska_backward"
+
+    @torch.library.register_fake(lib_fwd)
+    def _(q, k, v, bias, key_padding_mask, query_padding_mask, scale, need_colsum):
+        return _fake_forward(q, k, v, need_colsum)
+
+    @torch.library.register_fake(lib_bwd)
+    def _(grad_out, q, k, v, bias, kpm, qpm, out, lse, grad_colsum, scale, need_dbias):
+        return _fake_backward(q, k, v, bias, need_dbias)
+
+    torch.library.register_autograd(lib_fwd, _make_backward(torch.ops.mmcl_fast.ska_backward),
+                                    setup_context=_setup_context)
+
+
+def _has_op(name: str) -> bool:
+    try:
+        getattr(torch.ops.mmcl_fast, name)
+        return True
+    except (AttributeError, RuntimeError):  # an extension built before this op existed
+        return False
+
+
+def _stat_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(q, k, v, need_colsum):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    acc = _stat_dtype(q)
+    colsum = q.new_empty((B, H, Lk), dtype=acc) if need_colsum else q.new_empty((0,), dtype=acc)
+    return torch.empty_like(q), q.new_empty((B, H, Lq), dtype=acc), colsum
+
+
+def _fake_backward(q, k, v, bias, need_dbias):
+    dbias = torch.empty_like(bias) if (need_dbias and bias is not None) else q.new_empty((0,))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+_TRITON_REGISTERED = False
+
+
+def _register_triton() -> None:
+    """The autograd formula of the Triton forward op (its module defines the op and its fakes)."""
+    global _TRITON_REGISTERED
+    if _TRITON_REGISTERED:
+        return
+    from ..kernels import shared_key_attention as _tk  # noqa: F401
+
+    torch.library.register_autograd("mmcl_fast::ska_forward_triton",
+                                    _make_backward(torch.ops.mmcl_fast.ska_backward_triton),
+                                    setup_context=_setup_context)
+    _TRITON_REGISTERED = True
+
+
+def _attention(backend, q, k, v, bias, kpm, qpm, scale, need_colsum):
+    """(out, colsum) through the backend's kernels, differentiable in q, k, v, bias."""
+    if backend == "triton":
+        _register_triton()
+    out, _, colsum = _kernel_forward(backend, q, k, v, bias, kpm, qpm, scale, need_colsum)
+    return out, colsum
+
+
+# -- the public ops ------------------------------------------------------------------------------
+def shared_key_attention(q, k, v, bias=None, key_padding_mask=None, scale=None) -> torch.Tensor:
+    """softmax(scale q k^T + bias, padded keys excluded) v, flash-style; gradients for q, k (summed
+    over the batch for a bank), v and bias (summed over the batch when broadcast)."""
+    _, _, _, _, _, scale = _check_inputs(q, k, v, bias, key_padding_mask, None, scale)
+    backend = _choose(q)
+    if backend == "reference":
+        return reference_attention(q, k, v, bias, key_padding_mask, scale)
+    out, _ = _attention(backend, q, k, v, bias, key_padding_mask, None, scale, False)
+    return out
+
+
+def pooled_attention_maps(q, k, bias=None, key_padding_mask=None, query_padding_mask=None, scale=None,
+                          space="scores") -> Tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's side: (width [B, H, Lq], height [B, H, Lk]) of the map in `space`, zero at
+    padded positions, without materialising the map (except on the reference backend). In space
+    "probs" the width is 1 for every valid query that has a valid key (rows of P sum to 1).
+    float32 (float64 for float64 inputs)."""
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    B, H, Lq, Lk, D, scale = _check_inputs(q, k, None, bias, key_padding_mask, query_padding_mask, scale,
+                                           need_v=False)
+    backend = _choose(q)
+    acc = _stat_dtype(q)
+    if backend == "reference":
+        w, u = reference_pooled_maps(q, k, bias, key_padding_mask, query_padding_mask, scale, space)
+        return w.to(acc), u.to(acc)
+    if space == "scores":
+        return _closed_form_maps(q, k, bias, key_padding_mask, query_padding_mask, scale)
+    # "probs": the column sums come out of the forward kernel (v is not needed: zeros)
+    v = q.new_zeros((B, H, Lk, D))
+    out, colsum = _attention(backend, q, k, v, bias, key_padding_mask, query_padding_mask, scale, True)
+    width = torch.ones(B, H, Lq, dtype=acc, device=q.device)
+    if query_padding_mask is not None:
+        width = width * _valid(query_padding_mask, width)[:, None, :]
+    if key_padding_mask is not None:
+        width = width * (key_padding_mask.logical_not().any(-1)).to(acc)[:, None, None]
+    return width, colsum
+
+
+def shared_key_attention_distill(q, k, v, teacher_width=None, teacher_height=None, bias=None,
+                                 key_padding_mask=None, query_padding_mask=None, scale=None,
+                                 space="scores", pool="width", normalize=True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, loss): the attention output and the asymmetric ReLU distillation loss of its pooled
+    maps against the teacher's (teacher_width [B, H, Lq], teacher_height [B, H, Lk], as returned by
+    pooled_attention_maps on the teacher's q, k, bias), computed on the fly. The loss is a float32
+    scalar (float64 for float64 inputs) with gradients for q, k, bias (and the teacher's maps if
+    they require grad)."""
+    _check_space_pool(space, pool)
+    B, H, Lq, Lk, D, scale = _check_inputs(q, k, v, bias, key_padding_mask, query_padding_mask, scale)
+    if pool in ("width", "both"):
+        _check_teacher("teacher_width", teacher_width, (B, H, Lq), q)
+    if pool in ("height", "both"):
+        _check_teacher("teacher_height", teacher_height, (B, H, Lk), q)
+    backend = _choose(q)
+    want_w, want_u = pool in ("width", "both"), pool in ("height", "both")
+    if backend == "reference":
+        out = reference_attention(q, k, v, bias, key_padding_mask, scale)
+        w, u = reference_pooled_maps(q, k, bias, key_padding_mask, query_padding_mask, scale, space)
+    elif space == "scores":
+        out, _ = _attention(backend, q, k, v, bias, key_padding_mask, None, scale, False)
+        w, u = _closed_form_maps(q, k, bias, key_padding_mask, query_padding_mask, scale, want_w, want_u)
+    else:
+        out, u = _attention(backend, q, k, v, bias, key_padding_mask, query_padding_mask, scale, True)
+        w = None
+    loss = distill_loss(w, u, teacher_width, teacher_height, pool, normalize)
+    return out, loss
+
+
+_register()

@@ -1,0 +1,486 @@
+"""Op family B: shared-key attention with on-the-fly asymmetric ReLU distillation.
+
+Oracles: torch's scaled_dot_product_attention (the reference's output), the materialised maps and
+the loss formula written out here (the closed forms and the kernels' column sums), autograd of the
+reference (every backend's gradients), gradcheck in float64. Every backend runs the same cases.
+"""
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmcl_fast
+from mmcl_fast.backend import triton_interpreting, why_not
+from mmcl_fast.ops import pooled_attention_maps, shared_key_attention, shared_key_attention_distill
+
+from conftest import cpu_backends
+
+ska = importlib.import_module("mmcl_fast.ops.shared_key_attention")
+
+INTERP = triton_interpreting()
+
+
+def _skip_unless(backend, device=torch.device("cpu"), dtype=torch.float32):
+    reason = why_not(backend, device, dtype)
+    if reason:
+        pytest.skip(reason)
+
+
+# -- input builders ------------------------------------------------------------------------------
+def make_inputs(B, H, Lq, Lk, D, *, bank=True, bias="bank", kmask=True, qmask=False, dtype=torch.float32,
+                device="cpu", seed=0, empty_row=False):
+    """Random inputs; kmask pads a different tail per batch element (and, with empty_row, every key
+    of the last element); bias "bank" [H,Lq,Lk], "one" [1,H,Lq,Lk], "batch" [B,H,Lq,Lk] or None."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype).to(device)
+
+    q = r(B, H, Lq, D)
+    k = r(H, Lk, D) if bank else r(B, H, Lk, D)
+    v = r(B, H, Lk, D)
+    b = {"bank": lambda: r(H, Lq, Lk, s=0.5), "one": lambda: r(1, H, Lq, Lk, s=0.5),
+         "batch": lambda: r(B, H, Lq, Lk, s=0.5), None: lambda: None}[bias]()
+    kpm = qpm = None
+    if kmask:
+        kpm = torch.zeros(B, Lk, dtype=torch.bool)
+        for i in range(B):
+            kpm[i, Lk - (i % max(1, Lk // 2)):] = True  # element 0 unpadded, then longer tails
+        if empty_row:
+            kpm[-1] = True
+        kpm = kpm.to(device)
+    if qmask:
+        qpm = torch.zeros(B, Lq, dtype=torch.bool)
+        for i in range(B):
+            qpm[i, Lq - (i % max(1, Lq // 2)):] = True
+        qpm = qpm.to(device)
+    return q, k, v, b, kpm, qpm
+
+
+def _grads(out_and_loss, inputs, dout):
+    out, loss = out_and_loss
+    total = (out.float() * dout).sum() + (0 if loss is None else loss.float())
+    ts = [t for t in inputs if t is not None]
+    return torch.autograd.grad(total, ts, allow_unused=True)
+
+
+def _leaf(ts, dtype=None):
+    return [None if t is None else t.detach().clone().to(dtype or t.dtype).requires_grad_(t.is_floating_point())
+            for t in ts]
+
+
+def _close(a, b, tol, what):
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    err = (a.double() - b.double()).abs().max().item()
+    scale = max(1.0, b.double().abs().max().item())
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x {scale:.3g}"
+
+
+# -- the reference is right ----------------------------------------------------------------------
+@pytest.mark.parametrize("bank", [True, False])
+@pytest.mark.parametrize("bias", [None, "bank", "batch"])
+def test_reference_matches_sdpa_with_float_mask(bank, bias):
+    q, k, v, b, kpm, _ = make_inputs(3, 2, 7, 9, 16, bank=bank, bias=bias, dtype=torch.float64)
+    out = ska.reference_attention(q, k, v, b, kpm)
+    kk = k.expand(3, -1, -1, -1) if bank else k
+    mask = torch.zeros(3, 2, 7, 9, dtype=torch.float64)
+    if b is not None:
+        mask = mask + b
+    mask = mask.masked_fill(kpm[:, None, None, :], float("-inf"))
+    expect = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask)
+    _close(out, expect, 1e-12, "reference vs SDPA")
+
+
+def test_reference_pooled_maps_by_hand():
+    """The pooled maps of a 1x1x2x3 map written out element by element."""
+    q = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]]], dtype=torch.float64)
+    k = torch.tensor([[[1.0, 1.0], [2.0, -1.0], [0.5, 0.5]]], dtype=torch.float64)
+    bias = torch.tensor([[[0.0, 1.0, 2.0], [3.0, 0.0, -1.0]]], dtype=torch.float64)
+    kpm = torch.tensor([[False, False, True]])
+    S = [[1 + 0, 2 + 1], [2 + 3, -2 + 0]]  # scale 1, third key padded
+    w, u = ska.reference_pooled_maps(q, k, bias, kpm, None, 1.0)
+    assert w.flatten().tolist() == [S[0][0] + S[0][1], S[1][0] + S[1][1]]
+    assert u.flatten().tolist() == [S[0][0] + S[1][0], S[0][1] + S[1][1], 0.0]
+    w, u = ska.reference_pooled_maps(q, k, bias, kpm, None, 1.0, space="probs")
+    p0 = [math.exp(1) / (math.exp(1) + math.exp(3)), math.exp(3) / (math.exp(1) + math.exp(3))]
+    p1 = [math.exp(5) / (math.exp(5) + math.exp(-2)), math.exp(-2) / (math.exp(5) + math.exp(-2))]
+    assert torch.allclose(u.flatten(), torch.tensor([p0[0] + p1[0], p0[1] + p1[1], 0.0], dtype=torch.float64))
+    assert torch.allclose(w.flatten(), torch.ones(2, dtype=torch.float64))
+
+
+def _formula_loss(tw, th, w, u, pool, normalize):
+    """DESIGN.md 5.2 written out: mean over (b, h) of ||ReLU(n(teacher) - n(student))||."""
+    def n(x):
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12) if normalize else x
+
+    d = 0
+    if pool in ("width", "both"):
+        d = d + torch.relu(n(tw) - n(w)).norm(dim=-1)
+    if pool in ("height", "both"):
+        d = d + torch.relu(n(th) - n(u)).norm(dim=-1)
+    return d.mean()
+
+
+@pytest.mark.parametrize("bank", [True, False])
+@pytest.mark.parametrize("bias", [None, "bank", "one", "batch"])
+@pytest.mark.parametrize("masks", [(False, False), (True, False), (True, True)])
+def test_closed_form_maps_equal_the_pooled_explicit_maps(bank, bias, masks):
+    q, k, _, b, kpm, qpm = make_inputs(3, 2, 7, 9, 16, bank=bank, bias=bias, kmask=masks[0], qmask=masks[1],
+                                       dtype=torch.float64, empty_row=masks[0])
+    w, u = ska.reference_pooled_maps(q, k, b, kpm, qpm, 0.3)
+    w2, u2 = ska._closed_form_maps(q, k, b, kpm, qpm, 0.3)
+    _close(w2, w, 1e-12, "width")
+    _close(u2, u, 1e-12, "height")
+
+
+def test_published_mspt_loss_has_zero_gradient_and_ours_does_not():
+    """The released code's loss, ||row_L2_normalise(ReLU(old - new))||_F / 100, is piecewise
+    constant: its gradient is 0. Ours, on the same maps, is not (guard against regressing to it)."""
+    q, k, v, b, kpm, qpm = make_inputs(2, 2, 6, 6, 8, dtype=torch.float64)
+    S_old = ska._reference_scores(q * 0.7, k, b, kpm, 0.35)
+    qq = q.clone().requires_grad_()
+    S_new = ska._reference_scores(qq, k, b, kpm, 0.35)
+    r = torch.relu(S_old - S_new)
+    published = (r / r.norm(dim=-1, keepdim=True).clamp_min(1e-12)).norm() / 100
+    (g_pub,) = torch.autograd.grad(published, qq)
+    assert published.item() > 0 and g_pub.abs().max().item() < 1e-12
+    tw, _ = ska.reference_pooled_maps(q * 0.7, k, b, kpm, qpm, 0.35)
+    with mmcl_fast.use_backend("reference"):
+        _, loss = shared_key_attention_distill(qq, k, v, teacher_width=tw, bias=b, key_padding_mask=kpm,
+                                               query_padding_mask=qpm, scale=0.35)
+    (g,) = torch.autograd.grad(loss, qq)
+    assert loss.item() > 0 and g.abs().max().item() > 1e-6
+
+
+# -- every backend against the reference ---------------------------------------------------------
+# (B, H, Lq, Lk, D, bank, bias, kmask, qmask): odd lengths 1, 7, 61, 80, 129; head dims 32..80
+CASES = [
+    (2, 3, 7, 7, 32, True, "bank", True, False),
+    (3, 2, 1, 1, 48, True, None, False, False),
+    (2, 2, 61, 61, 64, True, "bank", True, True),
+    (2, 2, 80, 33, 80, False, "batch", True, False),
+    (1, 2, 129, 129, 64, False, None, False, False),
+    (3, 2, 7, 129, 48, True, "one", True, True),
+]
+# the Triton interpreter is slow: its own small cases
+INTERP_CASES = [
+    (2, 2, 7, 7, 32, True, "bank", True, False),
+    (2, 1, 1, 1, 16, True, None, False, False),
+    (2, 2, 19, 13, 48, False, "batch", True, True),
+    (3, 1, 5, 21, 16, True, "one", True, False),
+]
+
+
+def _cases(backend):
+    return INTERP_CASES if backend == "triton" else CASES
+
+
+def _case_ids(c):
+    B, H, Lq, Lk, D, bank, bias, km, qm = c
+    return f"B{B}H{H}q{Lq}k{Lk}D{D}-{'bank' if bank else 'keys'}-{bias}-{'km' if km else ''}{'qm' if qm else ''}"
+
+
+def _run_backend(backend, fn):
+    if backend == "reference":
+        with mmcl_fast.use_backend("reference"):
+            return fn()
+    with mmcl_fast.use_backend(backend):
+        return fn()
+
+
+def _compare_attention(backend, case, dtype=torch.float32, device="cpu", tol=2e-5, ref_dtype=torch.float64):
+    B, H, Lq, Lk, D, bank, bias, km, qm = case
+    inputs = make_inputs(B, H, Lq, Lk, D, bank=bank, bias=bias, kmask=km, qmask=qm, dtype=dtype, device=device,
+                         empty_row=km and B > 1)
+    q, k, v, b, kpm, qpm = inputs
+    dout = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(1)).to(device)
+    mine = _leaf([q, k, v, b])
+    out = _run_backend(backend, lambda: shared_key_attention(*mine, key_padding_mask=kpm))
+    assert out.dtype == dtype and out.shape == (B, H, Lq, D)
+    got = _grads((out, None), mine, dout)
+    ref = _leaf([q, k, v, b], ref_dtype)
+    with mmcl_fast.use_backend("reference"):
+        out_ref = shared_key_attention(*ref, key_padding_mask=kpm)
+    want = _grads((out_ref, None), ref, dout.to(ref_dtype))
+    _close(out, out_ref, tol, "out")
+    for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
+        _close(g, w, tol, name)
+    if km and B > 1:  # the last batch element has no valid key: output 0, no gradient into it
+        assert out[-1].abs().max().item() == 0
+        assert got[0][-1].abs().max().item() == 0
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("ci", range(6))
+def test_attention_matches_reference(backend, ci):
+    _skip_unless(backend)
+    cases = _cases(backend)
+    if ci >= len(cases):
+        pytest.skip("the Triton interpreter runs fewer cases")
+    _compare_attention(backend, cases[ci])
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("space,pool", [("scores", "width"), ("scores", "height"), ("scores", "both"), ("probs", "height")])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_distill_matches_reference_and_formula(backend, space, pool, normalize):
+    _skip_unless(backend)
+    B, H, Lq, Lk, D = (2, 2, 9, 13, 16) if backend == "triton" else (3, 2, 61, 80, 32)
+    q, k, v, b, kpm, qpm = make_inputs(B, H, Lq, Lk, D, bank=True, bias="bank", kmask=True, qmask=True,
+                                       empty_row=True)
+    # a teacher: the same shapes, other weights; its maps from the materialised reference
+    tq, tk, _, tb, _, _ = make_inputs(B, H, Lq, Lk, D, bank=True, bias="bank", seed=5)
+    tw, th = (t.float() for t in ska.reference_pooled_maps(tq.double(), tk.double(), tb.double(), kpm, qpm, None, space))
+    dout = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(3))
+    kw = dict(teacher_width=tw, teacher_height=th, key_padding_mask=kpm, query_padding_mask=qpm,
+              space=space, pool=pool, normalize=normalize)
+    mine = _leaf([q, k, v, b])
+    out, loss = _run_backend(backend, lambda: shared_key_attention_distill(*mine[:3], bias=mine[3], **kw))
+    got = _grads((out, loss), mine, dout)
+    ref = _leaf([q, k, v, b], torch.float64)
+    with mmcl_fast.use_backend("reference"):
+        out_ref, loss_ref = shared_key_attention_distill(*ref[:3], bias=ref[3], **kw)
+    want = _grads((out_ref, loss_ref), ref, dout.double())
+    # the loss formula, on the pooled explicit maps
+    w, u = ska.reference_pooled_maps(*[t.detach() for t in ref[:2]], ref[3].detach(), kpm, qpm, None, space)
+    expect = _formula_loss(tw.double(), th.double(), w, u, pool, normalize)
+    assert abs(loss_ref.item() - expect.item()) <= 1e-12 * max(1, abs(expect.item()))
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert abs(loss.item() - expect.item()) <= 2e-5 * max(1.0, abs(expect.item())), (loss.item(), expect.item())
+    _close(out, out_ref, 2e-5, "out")
+    for name, g, wnt in zip(("dq", "dk", "dv", "dbias"), got, want):
+        _close(g, wnt, 5e-5, name)
+    assert expect.item() > 0, "the teacher should have attention the student lacks"
+    assert got[0].abs().max().item() > 0
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("space", ["scores", "probs"])
+def test_pooled_maps_match_reference(backend, space):
+    _skip_unless(backend)
+    q, k, _, b, kpm, qpm = make_inputs(3, 2, 11, 7, 16, bank=False, bias="batch", qmask=True, empty_row=True)
+    w, u = _run_backend(backend, lambda: pooled_attention_maps(q, k, b, kpm, qpm, space=space))
+    w_ref, u_ref = ska.reference_pooled_maps(q.double(), k.double(), b.double(), kpm, qpm, None, space)
+    _close(w, w_ref, 2e-5, "width")
+    _close(u, u_ref, 2e-5, "height")
+    assert w.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_loss_is_zero_when_the_student_dominates(backend):
+    """Without normalisation, a student map >= the teacher's everywhere costs nothing and has no
+    gradient; lowering one entry below the teacher's switches a ReLU term on: non-zero gradient."""
+    _skip_unless(backend)
+    q, k, v, b, kpm, qpm = make_inputs(2, 2, 9, 7, 16, bias="bank", qmask=True)
+    w, _ = ska.reference_pooled_maps(q.double(), k.double(), b.double(), kpm, qpm, None)
+    teacher = (w - 1.0).float()  # every valid entry below the student's
+    mine = _leaf([q, k, v, b])
+    _, loss = _run_backend(backend, lambda: shared_key_attention_distill(
+        *mine[:3], teacher_width=teacher, bias=mine[3], key_padding_mask=kpm, query_padding_mask=qpm, normalize=False))
+    gq, gk, gb = torch.autograd.grad(loss, [mine[0], mine[1], mine[3]])
+    assert loss.item() == 0 and gq.abs().max().item() == 0 and gk.abs().max().item() == 0
+    teacher2 = teacher.clone()
+    teacher2[0, 1, 2] = w[0, 1, 2].float() + 0.5
+    _, loss2 = _run_backend(backend, lambda: shared_key_attention_distill(
+        *mine[:3], teacher_width=teacher2, bias=mine[3], key_padding_mask=kpm, query_padding_mask=qpm, normalize=False))
+    gq2, gb2 = torch.autograd.grad(loss2, [mine[0], mine[3]])
+    assert abs(loss2.item() - 0.5 / 4) < 1e-5  # one active term of 0.5, mean over B*H = 4
+    assert gq2[0, 1, 2].abs().max().item() > 0 and gb2[1, 2].abs().max().item() > 0
+    assert gq2[1].abs().max().item() == 0  # other batch elements untouched
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("space,pool", [("scores", "both"), ("probs", "height")])
+def test_gradcheck_float64(backend, space, pool):
+    _skip_unless(backend, dtype=torch.float64)
+    q, k, v, b, kpm, qpm = make_inputs(2, 2, 5, 4, 3, bias="bank", qmask=True, dtype=torch.float64)
+    tq, tk, _, tb, _, _ = make_inputs(2, 2, 5, 4, 3, bias="bank", dtype=torch.float64, seed=9)
+    tw, th = ska.reference_pooled_maps(tq, tk, tb, kpm, qpm, None, space)
+
+    def f(q, k, v, b):
+        with mmcl_fast.use_backend(backend):
+            out, loss = shared_key_attention_distill(q, k, v, tw, th, b, kpm, qpm, space=space, pool=pool)
+        return out, loss
+
+    assert torch.autograd.gradcheck(f, _leaf([q, k, v, b]), eps=1e-6, atol=1e-6)
+
+
+# -- the kernel ops directly: lse, colsum, empty rows ----------------------------------------------
+def _kernel_fns(backend):
+    _skip_unless(backend)
+    if backend == "reference":
+        pytest.skip("the reference has no kernel ops")
+    return ska._kernel_ops(backend)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_forward_kernel_lse_and_column_sums(backend):
+    fwd, _ = _kernel_fns(backend)
+    q, k, v, b, kpm, qpm = make_inputs(3, 2, 13, 10, 16, bias="one", qmask=True, empty_row=True)
+    out, lse, colsum = fwd(q, k.unsqueeze(0), v, b, kpm, qpm, 0.25, True)
+    S = ska._reference_scores(q.double(), k.double(), b.double(), kpm, 0.25).masked_fill(kpm[:, None, None, :], float("-inf"))
+    lse_ref = torch.logsumexp(S, -1)
+    lse_ref = torch.where(torch.isneginf(lse_ref), torch.full_like(lse_ref, float("inf")), lse_ref)
+    assert torch.isposinf(lse[-1]).all(), "a row with no valid key has lse = +inf"
+    _close(lse[:-1], lse_ref[:-1], 1e-5, "lse")
+    _, u = ska.reference_pooled_maps(q.double(), k.double(), b.double(), kpm, qpm, 0.25, "probs")
+    _close(colsum, u, 1e-5, "colsum")
+    _, _, none = fwd(q, k.unsqueeze(0), v, b, kpm, qpm, 0.25, False)
+    assert none.numel() == 0
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_minus_inf_bias_rows_give_zero_not_nan(backend):
+    _skip_unless(backend)
+    q, k, v, b, _, _ = make_inputs(2, 2, 5, 6, 16, bias="bank", kmask=False)
+    b = b.clone()
+    b[1, 3] = float("-inf")  # head 1, query 3 sees no key
+    mine = _leaf([q, k, v, b])
+    out = _run_backend(backend, lambda: shared_key_attention(*mine))
+    assert out[:, 1, 3].abs().max().item() == 0 and torch.isfinite(out).all()
+    grads = torch.autograd.grad(out.sum(), mine[:3])
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+# -- bad input: a clear error naming the argument, before any kernel runs ------------------------
+def _good():
+    return make_inputs(2, 2, 5, 6, 8, bias="bank", qmask=True)
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (lambda a: a.update(q=a["q"][0]), ValueError, "q must be a 4-D"),
+    (lambda a: a.update(k=a["k"][:1]), ValueError, "k .* does not match q"),
+    (lambda a: a.update(k=a["k"][..., :4]), ValueError, "head dim"),
+    (lambda a: a.update(k=torch.randn(3, 2, 6, 8)), ValueError, "batch 2 or 1"),
+    (lambda a: a.update(v=a["v"][:, :, :5]), ValueError, r"v must be \[B, H, Lk, D\]"),
+    (lambda a: a.update(v=a["v"].double()), TypeError, "v must have q's dtype"),
+    (lambda a: a.update(q=a["q"].long()), TypeError, "q must be a floating-point"),
+    (lambda a: a.update(bias=a["bias"][:, :4]), ValueError, "bias must be"),
+    (lambda a: a.update(bias=torch.randn(3, 2, 5, 6)), ValueError, "bias must be"),
+    (lambda a: a.update(bias=a["bias"].double()), TypeError, "bias must have q's dtype"),
+    (lambda a: a.update(key_padding_mask=a["key_padding_mask"].float()), TypeError, "key_padding_mask must be a bool"),
+    (lambda a: a.update(key_padding_mask=a["key_padding_mask"][:, :5]), ValueError, "key_padding_mask must be"),
+    (lambda a: a.update(query_padding_mask=a["query_padding_mask"][:1]), ValueError, "query_padding_mask must be"),
+    (lambda a: a.update(scale=float("nan")), ValueError, "scale must be finite"),
+    (lambda a: a.update(space="logits"), ValueError, "space must be one of"),
+    (lambda a: a.update(pool="rows"), ValueError, "pool must be one of"),
+    (lambda a: a.update(space="probs", pool="width"), ValueError, "width pooling"),
+    (lambda a: a.update(space="probs", pool="both"), ValueError, "width pooling"),
+    (lambda a: a.update(teacher_width=a["teacher_width"][..., :4]), ValueError, "teacher_width must be"),
+    (lambda a: a.update(teacher_width=None), ValueError, "teacher_width is required"),
+    (lambda a: a.update(pool="height", teacher_height=torch.zeros(2, 2, 5)), ValueError, "teacher_height must be"),
+])
+def test_bad_input_is_named(change, exc, match):
+    q, k, v, b, kpm, qpm = _good()
+    args = dict(q=q, k=k, v=v, bias=b, key_padding_mask=kpm, query_padding_mask=qpm,
+                teacher_width=torch.zeros(2, 2, 5), teacher_height=torch.zeros(2, 2, 6))
+    change(args)
+    with pytest.raises(exc, match=match):
+        shared_key_attention_distill(**args)
+
+
+def test_bad_input_of_attention_and_maps():
+    q, k, v, b, kpm, qpm = _good()
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        shared_key_attention(q, k, v, b, kpm.T)
+    with pytest.raises(ValueError, match="space must be one of"):
+        pooled_attention_maps(q, k, space="attn")
+    with pytest.raises(ValueError, match="one device"):
+        shared_key_attention(q, k, v, b, kpm.to("meta"))
+
+
+# -- torch.library: opcheck and torch.compile ----------------------------------------------------
+def _opcheck_inputs():
+    q, k, v, b, kpm, qpm = make_inputs(2, 2, 5, 6, 16, bias="one", qmask=True)
+    q, k, v, b = _leaf([q, k.unsqueeze(0), v, b])
+    return q, k, v, b, kpm, qpm
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck(backend):
+    fwd, bwd = _kernel_fns(backend)
+    if backend == "triton":
+        ska._register_triton()
+    q, k, v, b, kpm, qpm = _opcheck_inputs()
+    torch.library.opcheck(fwd.default, (q, k, v, b, kpm, qpm, 0.3, True))
+    torch.library.opcheck(fwd.default, (q, k, v, None, None, None, 0.3, False))
+    with torch.no_grad():
+        out, lse, colsum = fwd(q, k, v, b, kpm, qpm, 0.3, True)
+    g = torch.randn_like(out)
+    torch.library.opcheck(bwd.default, (g, q.detach(), k.detach(), v.detach(), b.detach(), kpm, qpm, out, lse,
+                                        torch.randn_like(colsum), 0.3, True),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_torch_compile_fullgraph_module():
+    """A small module using the op (cpu backend when built) compiles without graph breaks and
+    matches eager, output and gradients."""
+    _skip_unless("cpu")
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qv = torch.nn.Linear(16, 32)
+            self.bank = torch.nn.Parameter(torch.randn(2, 6, 8))
+            self.bias = torch.nn.Parameter(torch.zeros(2, 6, 6))
+
+        def forward(self, x, kpm, tw):
+            B, L, _ = x.shape
+            q, v = self.qv(x).view(B, L, 2, 2, 8).permute(2, 0, 3, 1, 4)
+            out, loss = shared_key_attention_distill(q, self.bank, v, teacher_width=tw, bias=self.bias,
+                                                     key_padding_mask=kpm)
+            return out.sum(1), loss
+
+    torch.manual_seed(0)
+    m = Block()
+    x = torch.randn(3, 6, 16)
+    kpm = torch.zeros(3, 6, dtype=torch.bool)
+    kpm[1, 4:] = True
+    tw = torch.randn(3, 2, 6)
+    with mmcl_fast.use_backend("cpu"):
+        eager = m(x, kpm, tw)
+        g_eager = torch.autograd.grad(eager[0].sum() + eager[1], list(m.parameters()))
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        comp = compiled(x, kpm, tw)
+        g_comp = torch.autograd.grad(comp[0].sum() + comp[1], list(m.parameters()))
+    _close(comp[0], eager[0], 1e-5, "out")
+    _close(comp[1], eager[1], 1e-5, "loss")
+    for a, b in zip(g_comp, g_eager):
+        _close(a, b, 1e-5, "grad")
+
+
+# -- GPU: cuda and triton against the reference (skipped without a GPU) ---------------------------
+GPU = torch.cuda.is_available()
+GPU_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not GPU, reason="no GPU")) for b in ("cuda", "triton")]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.float16, 2e-2), (torch.bfloat16, 8e-2)])
+@pytest.mark.parametrize("ci", range(6))
+def test_gpu_attention_matches_reference(backend, dtype, tol, ci):
+    _skip_unless(backend, torch.device("cuda"), dtype)
+    _compare_attention(backend, CASES[ci], dtype=dtype, device="cuda", tol=tol)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("space,pool", [("scores", "both"), ("probs", "height")])
+def test_gpu_distill_matches_reference(backend, space, pool):
+    _skip_unless(backend, torch.device("cuda"))
+    q, k, v, b, kpm, qpm = make_inputs(4, 3, 61, 80, 64, bias="bank", qmask=True, empty_row=True, device="cuda")
+    tw, th = ska.reference_pooled_maps(q.double() * 0.5, k.double(), b.double(), kpm, qpm, None, space)
+    kw = dict(teacher_width=tw.float(), teacher_height=th.float(), key_padding_mask=kpm, query_padding_mask=qpm,
+              space=space, pool=pool)
+    mine = _leaf([q, k, v, b])
+    out, loss = _run_backend(backend, lambda: shared_key_attention_distill(*mine[:3], bias=mine[3], **kw))
+    dout = torch.randn_like(out)
+    got = _grads((out, loss), mine, dout)
+    ref = _leaf([q, k, v, b], torch.float64)
+    with mmcl_fast.use_backend("reference"):
+        out_ref, loss_ref = shared_key_attention_distill(*ref[:3], bias=ref[3], **kw)
+    want = _grads((out_ref, loss_ref), ref, dout.double())
+    assert abs(loss.item() - loss_ref.item()) <= 2e-3 * max(1.0, abs(loss_ref.item()))
+    for name, g, w in zip(("out", "dq", "dk", "dv", "dbias"), (out,) + tuple(got), (out_ref,) + tuple(want)):
+        _close(g, w, 2e-3, name)
