@@ -75,7 +75,7 @@ def _extensions():
         ext = CUDAExtension(
             sources=sources,
             extra_compile_args={"cxx": cxx + ["-DMMCL_FAST_WITH_CUDA"],
-                                "nvcc": ["-O3", "--use_fast_math", "-DMMCL_FAST_WITH_CUDA"]},
+                                "nvcc": ["-O3", "--use_fast_math", "--threads", "2", "-DMMCL_FAST_WITH_CUDA"]},
             **kwargs,
         )
         print(f"mmcl_fast: building CPU + CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")

@@ -7,7 +7,7 @@ from .backend import (
     set_backend,
     use_backend,
 )
-from . import ops, optim  # noqa: E402
+from . import nn, ops, optim  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -16,6 +16,7 @@ __all__ = [
     "use_backend",
     "BackendStatus",
     "BackendUnavailableError",
+    "nn",
     "ops",
     "optim",
 ]

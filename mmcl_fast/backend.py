@@ -173,6 +173,19 @@ _DTYPES = {
 
 def why_not(name: str, device: torch.device, dtype: torch.dtype, contiguous: bool = True) -> str:
     """Empty when backend `name` can run an op on tensors of this device and dtype, else why."""
+    if torch.compiler.is_compiling():
+        # what the machine can run is a constant of the process: torch.compile takes it as one
+        # (the import and dispatcher queries behind it cannot be traced)
+        return _why_not_constant(name, device.type, dtype, contiguous)
+    return _why_not(name, device, dtype, contiguous)
+
+
+@torch.compiler.assume_constant_result
+def _why_not_constant(name: str, device_type: str, dtype: torch.dtype, contiguous: bool) -> str:
+    return _why_not(name, torch.device(device_type), dtype, contiguous)
+
+
+def _why_not(name: str, device: torch.device, dtype: torch.dtype, contiguous: bool) -> str:
     status = available_backends()[name]
     if not status:
         return f"backend {name!r} is unavailable: {status.reason}"

@@ -484,3 +484,25 @@ def test_gpu_distill_matches_reference(backend, space, pool):
     assert abs(loss.item() - loss_ref.item()) <= 2e-3 * max(1.0, abs(loss_ref.item()))
     for name, g, w in zip(("out", "dq", "dk", "dv", "dbias"), (out,) + tuple(got), (out_ref,) + tuple(want)):
         _close(g, w, 2e-3, name)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_keys_with_batch_one_equal_the_bank(backend):
+    """k [1, H, Lk, D] and bias [1, H, Lq, Lk] broadcast like the bank forms: same loss, output and
+    gradients (the batch-1 gradients have the batch-1 shape)."""
+    _skip_unless(backend)
+    q, k, v, b, kpm, qpm = make_inputs(3, 2, 7, 5, 16, bias="bank", qmask=True)
+    tw, th = ska.reference_pooled_maps(q.double() * 0.5, k.double(), b.double(), kpm, qpm, None)
+    kw = dict(teacher_width=tw.float(), teacher_height=th.float(), key_padding_mask=kpm, query_padding_mask=qpm,
+              pool="both")
+    res = []
+    for kk, bb in ((k, b), (k.unsqueeze(0), b.unsqueeze(0))):
+        leaves = _leaf([q, kk, v, bb])
+        out, loss = _run_backend(backend, lambda: shared_key_attention_distill(*leaves[:3], bias=leaves[3], **kw))
+        res.append((out, loss) + _grads((out, loss), leaves, torch.ones_like(out)))
+    (o1, l1, gq1, gk1, gv1, gb1), (o2, l2, gq2, gk2, gv2, gb2) = res
+    assert gk2.shape == (1, 2, 5, 16) and gb2.shape == (1, 2, 7, 5)
+    _close(o2, o1, 1e-6, "out")
+    _close(l2, l1, 1e-6, "loss")
+    for a, c, name in ((gq2, gq1, "dq"), (gk2[0], gk1, "dk"), (gv2, gv1, "dv"), (gb2[0], gb1, "dbias")):
+        _close(a, c, 1e-5, name)

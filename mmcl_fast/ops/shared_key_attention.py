@@ -38,8 +38,10 @@ SPACES = ("scores", "probs")
 POOLS = ("width", "height", "both")
 _NORM_EPS = 1e-12
 _OP = "shared_key_attention"
-# On a GPU the Triton kernels (tensor-core tl.dot) come first, the CUDA kernels second.
-_GPU_PREFERENCE = ("triton", "cuda")
+# On a GPU the CUDA kernels come first: on an H200 they ran attention forward+backward about twice
+# as fast as the Triton kernels (0.45 vs 1.18 ms at B 32, H 12, L 128, D 64; measured with
+# benchmarks/profile_shared_key_attention.py).
+_GPU_PREFERENCE = ("cuda", "triton")
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -258,6 +260,124 @@ def _closed_form_maps(q, k, bias, key_padding_mask, query_padding_mask, scale, w
     return width, height
 
 
+# -- the "scores" loss in one autograd node -------------------------------------------------------
+def _map_loss_forward(x, t, normalize):
+    """d = ||ReLU(n(t) - n(x))|| per row, and what the backward needs."""
+    nrm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    nx = x / nrm.clamp_min(_NORM_EPS) if normalize else x
+    nt = _normalise(t.to(x.dtype), normalize)
+    r = torch.relu(nt - nx)
+    d = torch.linalg.vector_norm(r, dim=-1)
+    return d, (nrm, nx, r, d)
+
+
+def _map_loss_backward(gd, saved, normalize):
+    """dL/dx from dL/dd (gd [B, H]): d = ||r||, r = ReLU(nt - nx), nx = x / max(||x||, eps)."""
+    nrm, nx, r, d = saved
+    g_nx = -r * (gd / torch.where(d > 0, d, torch.ones_like(d))).unsqueeze(-1)  # 0 where d = 0
+    if not normalize:
+        return g_nx
+    # through x / max(||x||, eps): the projection off nx where ||x|| > eps, 1/eps where clamped
+    big = nrm > _NORM_EPS
+    proj = (g_nx - nx * (nx * g_nx).sum(-1, keepdim=True)) / torch.where(big, nrm, torch.ones_like(nrm))
+    return torch.where(big, proj, g_nx / _NORM_EPS)
+
+
+class _ScoresDistill(torch.autograd.Function):
+    """The "scores"-space loss from the closed-form maps, forward and backward written out: a few
+    batched matmuls and vector ops instead of an autograd graph of ~60 small ops (the loss term
+    was most of the step's time on a GPU, where each op is a launch).
+
+        w_i = (scale q_i.ksum + sum_j bias_ij kv_j) qv_i,     ksum = sum_j kv_j k_j
+        u_j = (scale qsum.k_j + sum_i qv_i bias_ij) kv_j,     qsum = sum_i qv_i q_i
+        dq_i   = scale gw_i ksum + qv_i scale sum_j gu_j k_j
+        dk_j   = kv_j scale sum_i gw_i q_i + scale gu_j qsum          (summed over b for a bank)
+        dbias_ij = gw_i kv_j + qv_i gu_j                                 (summed over b if broadcast)
+    with gw = dL/dw qv and gu = dL/du kv (kv, qv: 1 for valid positions)."""
+
+    @staticmethod
+    def forward(ctx, q, k, bias, kpm, qpm, tw, th, scale, normalize):
+        acc = _stat_dtype(q)
+        B, H, Lq, D = q.shape
+        qf = q.to(acc)
+        kf = _as_batched(k).to(acc)                                   # [1 or B, H, Lk, D]
+        bf = None if bias is None else _as_batched(bias).to(acc)      # [1 or B, H, Lq, Lk]
+        Lk = kf.shape[2]
+        kv = torch.ones(B, Lk, dtype=acc, device=q.device) if kpm is None else (~kpm).to(acc)
+        qv = torch.ones(B, Lq, dtype=acc, device=q.device) if qpm is None else (~qpm).to(acc)
+        ctx.saved = {}
+        total = torch.zeros(B, H, dtype=acc, device=q.device)
+        ksum = qsum = None
+        if tw is not None:
+            ksum = torch.matmul(kv[:, None, None, :], kf)             # [B, H, 1, D]
+            w = scale * torch.matmul(qf, ksum.transpose(-1, -2)).squeeze(-1)
+            if bf is not None:
+                w = w + torch.matmul(bf, kv[:, None, :, None]).squeeze(-1)
+            w = w * qv[:, None, :]
+            d, ctx.saved["w"] = _map_loss_forward(w, tw, normalize)
+            total = total + d
+        if th is not None:
+            qsum = torch.matmul(qv[:, None, None, :], qf)             # [B, H, 1, D]
+            u = scale * torch.matmul(qsum, kf.transpose(-1, -2)).squeeze(-2)
+            if bf is not None:
+                u = u + torch.matmul(qv[:, None, None, :], bf).squeeze(-2)
+            u = u * kv[:, None, :]
+            d, ctx.saved["u"] = _map_loss_forward(u, th, normalize)
+            total = total + d
+        ctx.save_for_backward(qf, kf, kv, qv, ksum, qsum)
+        ctx.scale, ctx.normalize = scale, normalize
+        ctx.k_shape, ctx.bias_shape = tuple(k.shape), None if bias is None else tuple(bias.shape)
+        ctx.dtypes = (q.dtype, k.dtype, None if bias is None else bias.dtype)
+        return total.mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        qf, kf, kv, qv, ksum, qsum = ctx.saved_tensors
+        scale = ctx.scale
+        B, H = qf.shape[:2]
+        gd = (g / (B * H)).expand(B, H)
+        dq = dk = dbias = None
+        need_q, need_k, need_b = ctx.needs_input_grad[:3]
+        shared_k = ctx.k_shape[0] == 1 and B > 1 or len(ctx.k_shape) == 3
+        shared_b = ctx.bias_shape is not None and (len(ctx.bias_shape) == 3 or ctx.bias_shape[0] == 1)
+
+        def add(a, b):
+            return b if a is None else a + b
+
+        # batch-shared k and bias: reduce over b inside einsum (a matmul over h), never through a
+        # [B, H, Lq, Lk] temporary
+        if "w" in ctx.saved:
+            gw = _map_loss_backward(gd, ctx.saved["w"], ctx.normalize) * qv[:, None, :]  # [B, H, Lq]
+            if need_q:
+                dq = scale * gw.unsqueeze(-1) * ksum
+            if need_k:
+                dks = scale * torch.matmul(gw.unsqueeze(-2), qf).squeeze(-2)       # [B, H, D]
+                dk = (torch.einsum("bj,bhd->hjd", kv, dks).unsqueeze(0) if shared_k
+                      else kv[:, None, :, None] * dks.unsqueeze(-2))
+            if need_b:
+                dbias = (torch.einsum("bhi,bj->hij", gw, kv).unsqueeze(0) if shared_b
+                         else gw.unsqueeze(-1) * kv[:, None, None, :])
+        if "u" in ctx.saved:
+            gu = _map_loss_backward(gd, ctx.saved["u"], ctx.normalize) * kv[:, None, :]  # [B, H, Lk]
+            if need_q:
+                dqs = scale * torch.matmul(gu.unsqueeze(-2), kf)                   # [B, H, 1, D]
+                dq = add(dq, qv[:, None, :, None] * dqs)
+            if need_k:
+                dk = add(dk, scale * torch.einsum("bhj,bhd->hjd", gu, qsum.squeeze(-2)).unsqueeze(0)
+                         if shared_k else scale * gu.unsqueeze(-1) * qsum)
+            if need_b:
+                dbias = add(dbias, torch.einsum("bhj,bi->hij", gu, qv).unsqueeze(0) if shared_b
+                            else qv[:, None, :, None] * gu.unsqueeze(-2))
+        q_dtype, k_dtype, b_dtype = ctx.dtypes
+        if dq is not None:
+            dq = dq.to(q_dtype)
+        if dk is not None:
+            dk = dk.reshape(ctx.k_shape).to(k_dtype)
+        if dbias is not None:
+            dbias = dbias.reshape(ctx.bias_shape).to(b_dtype)
+        return dq, dk, dbias, None, None, None, None, None, None
+
+
 # -- the kernels ---------------------------------------------------------------------------------
 def _kernel_ops(backend: str):
     if backend == "triton":
@@ -426,6 +546,12 @@ def shared_key_attention_distill(q, k, v, teacher_width=None, teacher_height=Non
         w, u = reference_pooled_maps(q, k, bias, key_padding_mask, query_padding_mask, scale, space)
     elif space == "scores":
         out, _ = _attention(backend, q, k, v, bias, key_padding_mask, None, scale, False)
+        teachers = [t for t in (teacher_width, teacher_height) if t is not None]
+        if not any(t.requires_grad for t in teachers):
+            loss = _ScoresDistill.apply(q, k, bias, key_padding_mask, query_padding_mask,
+                                        teacher_width if want_w else None,
+                                        teacher_height if want_u else None, scale, normalize)
+            return out, loss
         w, u = _closed_form_maps(q, k, bias, key_padding_mask, query_padding_mask, scale, want_w, want_u)
     else:
         out, u = _attention(backend, q, k, v, bias, key_padding_mask, query_padding_mask, scale, True)

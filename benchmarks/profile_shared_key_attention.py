@@ -1,0 +1,65 @@
+"""Where the time of op family B goes on a GPU: each backend's attention forward alone, forward +
+backward, forward + backward with the distillation loss, the raw kernel ops without the Python
+wrapper, and SDPA, at two MSPT shapes; then torch.profiler's table of one backend's full step.
+
+    python benchmarks/profile_shared_key_attention.py [cuda|triton]
+"""
+import importlib
+import sys
+import time
+
+import torch
+
+import mmcl_fast
+from mmcl_fast.ops import shared_key_attention
+
+import bench_shared_key_attention as b
+
+ska = importlib.import_module("mmcl_fast.ops.shared_key_attention")
+
+
+def timeit(fn, n=50):
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def main(profiled="cuda"):
+    dev = torch.device("cuda")
+    params = ["q", "k", "v", "bias"]
+    for B, L in [(32, 128), (8, 61)]:
+        t = b.make(B, L, dev)
+        for be in ("cuda", "triton"):
+            with mmcl_fast.use_backend(be):
+                def attn():
+                    return shared_key_attention(t["q"], t["k"], t["v"], t["bias"], t["kpm"])
+
+                def fwd_only():
+                    with torch.no_grad():
+                        attn()
+
+                fwd, bwd = ska._kernel_ops(be)
+                args = (t["q"].detach(), t["k"].detach().unsqueeze(0), t["v"].detach(),
+                        t["bias"].detach().unsqueeze(0), t["kpm"], None, b.D ** -0.5, False)
+                out, lse, _ = fwd(*args)
+                print(f"B {B} L {L} {be:6s} attention fwd {timeit(fwd_only):.3f} ms, "
+                      f"fwd+bwd {timeit(lambda: torch.autograd.grad((attn() * t['dout']).sum(), [t[p] for p in params])):.3f} ms, "
+                      f"with the loss {timeit(lambda: b.step(b.ours(be), t)):.3f} ms; raw ops: fwd "
+                      f"{timeit(lambda: fwd(*args)):.3f} ms, bwd "
+                      f"{timeit(lambda: bwd(t['dout'], *args[:5], None, out, lse, None, args[6], True)):.3f} ms")
+        print(f"B {B} L {L} sdpa   fwd+bwd {timeit(lambda: b.step(b.sdpa_float_bias, t)):.3f} ms")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            b.step(b.ours(profiled), t)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,963 @@
+// Op family B on CUDA: shared-key attention, flash-style, with the column sums of P.
+// Same arguments, checks and results as the CPU kernel (maths: DESIGN.md 5.2), for float32, float16
+// and bfloat16 (fp32 accumulation, lse and colsum float32); float64 is rejected with an error.
+//
+// The maths, per (b, h):
+//     S_ij = scale * q_i . k_j + bias_ij          (-inf where key j is padded)
+//     lse_i = log sum_j exp(S_ij)    P_ij = exp(S_ij - lse_i)    out_i = sum_j P_ij v_j
+//     colsum_j = sum over valid queries i (query_padding_mask false) of P_ij
+// A row whose scores are all -inf is empty: out_i = 0, lse_i = +inf (so exp(S - lse) = 0 later).
+// Backward, with G_j = grad_colsum[b, h, j] (0 when None) and valid_i = !query_padding_mask[b, i]:
+//     dP_ij = grad_out_i . v_j + G_j valid_i       Delta_i = grad_out_i . out_i + valid_i sum_j P_ij G_j
+//     dS_ij = P_ij (dP_ij - Delta_i)               dbias_ij = dS_ij (summed over b when Bb == 1)
+//     dq_i = scale sum_j dS_ij k_j    dk_j = scale sum_i dS_ij q_i (summed over b when Bk == 1)
+//     dv_j = sum_i P_ij grad_out_i
+//
+// Design (fp32 scalar FMAs from shared memory, no tensor cores; no [B, H, Lq, Lk] scratch):
+//  * Every kernel but the Delta dot runs 128 threads = 4 warps. A warp is 4 "row groups" of 8
+//    lanes (ty = 4 * warp + lane / 8 in 0..15, tx = lane % 8). Score tiles [R, C] are split as
+//    rows ty*TM .. ty*TM+TM-1, columns tx + 8 j; head-dim tiles [R, DP] as rows ty*TM + i,
+//    columns 32 c + 4 tx + e (float4 accesses). Tiles are staged in shared memory as fp32 with a
+//    row stride DP + 4 (float4-aligned, and the 8 lanes of a quarter warp that read 8 different
+//    rows at one column land on 8 different 16-byte bank groups). Row reductions are shuffles
+//    across the 8 lanes of a row group (xor 1, 2, 4), column reductions across the 4 row groups
+//    of a warp (xor 8, 16).
+//  * The head dim is padded to a bucket DP in {32, 64, 96, 128, 192, 256} (a template argument:
+//    register arrays need compile-time sizes); padded columns are zero in shared memory, the dot
+//    products stop at D rounded up to 4, nothing past D is stored. Tile sizes come from DP so
+//    that shared memory stays under 99 KB (the opt-in limit of every card from sm_80 on; above
+//    48 KB it is requested with cudaFuncAttributeMaxDynamicSharedMemorySize).
+//  * Forward (ska_fwd_kernel, one CTA per (b, h, BM queries)): loop over key tiles of BN keys
+//    (k, v, the key flags in shared memory), online softmax (running max m, per-lane partial sum
+//    l, accumulator rescaled by exp(m_old - m_new)); P of the tile goes through shared memory,
+//    per warp (each warp owns its query rows, so __syncwarp is enough there). Then, only when
+//    colsum is asked for, a second sweep over the key tiles with the final lse: P recomputed,
+//    summed over the CTA's valid rows (shuffles, then shared atomics across the 4 warps), one
+//    global fp32 atomicAdd per key per CTA into colsum (zeroed first).
+//  * Backward: Delta_i = grad_out_i . out_i (ska_delta_kernel, a warp per row); when grad_colsum
+//    is given, the forward kernel in "rowpg" mode sweeps the keys with the saved lse and adds
+//    valid_i sum_j P_ij G_j to Delta_i (the whole of Delta is needed before any dS is formed).
+//    Then ska_bwd_kernel, one CTA per (b, h, BN keys): k, v, G of its keys stay in shared memory,
+//    dk and dv accumulate in registers (lane owns keys ty*TK + i, columns 32 c + 4 tx + e), and
+//    it loops over query tiles of BM rows: S and dP recomputed, P and dS written to shared memory,
+//    then dv += P^T dO, dk += dS^T q, and dq += scale dS k added with fp32 atomics into a
+//    [B, H, Lq, D] fp32 buffer. dbias = dS is stored directly when Bb == B (each (m, n) belongs to
+//    exactly one CTA), added atomically into a fp32 [1, H, Lq, Lk] buffer when the bias is
+//    broadcast; dk of a key bank (Bk == 1 < B) likewise goes atomically into a fp32 [1, H, Lk, D]
+//    buffer. fp32 buffers are cast to the output dtype at the end (a no-op for float32).
+//  * exp and log are __expf / __logf (what --use_fast_math makes of them anyway); __expf(-inf)
+//    is +0, which is what makes masked keys and empty rows (lse = +inf) give P = 0, no NaN.
+//    Inputs must be finite apart from -inf entries of the bias.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace mmcl_fast {
+namespace {
+
+constexpr int kThreads = 128;  // 4 warps of 4 row groups of 8 lanes: the layout above relies on it
+constexpr int kDeltaThreads = 256;  // ska_delta_kernel: a warp per row
+constexpr float kInf = __builtin_huge_valf();
+
+enum FwdMode : int {
+  kForward = 0,        // out, lse
+  kForwardColsum = 1,  // out, lse, then colsum
+  kRowPG = 2,          // backward preprocessing: delta_i += valid_i * sum_j P_ij G_j
+};
+
+// Tile sizes from the head-dim bucket DP (see the header: shared memory under 99 KB).
+template <int DP>
+struct FwdTiles {
+  static constexpr int BM = DP <= 128 ? 64 : 32;
+  static constexpr int BN = DP <= 64 ? 64 : (DP <= 192 ? 32 : 16);
+  static constexpr int kFloats =
+      BM * (DP + 4) + 2 * BN * (DP + 4) + BM * (BN + 4) + 2 * BN;  // Q, K, V, P, flags, col
+  static constexpr int kBytes = kFloats * 4;
+};
+
+template <int DP>
+struct BwdTiles {
+  static constexpr int BM = DP <= 192 ? 32 : 16;
+  static constexpr int BN = DP <= 64 ? 64 : (DP <= 128 ? 32 : 16);
+  static constexpr int kFloats = 2 * BN * (DP + 4) + 2 * BM * (DP + 4) + 2 * BM * (BN + 4) +
+                                 3 * BM + 2 * BN;  // K, V, Q, dO, P, dS, lse/delta/valid, G/flags
+  static constexpr int kBytes = kFloats * 4;
+};
+
+#define MMCL_SKA_CHECK_TILES(DP)                                                               \
+  static_assert(FwdTiles<DP>::kBytes <= 99 * 1024 && BwdTiles<DP>::kBytes <= 99 * 1024,       \
+                "shared memory over the sm_86 opt-in limit");                                 \
+  static_assert(FwdTiles<DP>::BM % 16 == 0 && FwdTiles<DP>::BN % 16 == 0 &&                   \
+                    BwdTiles<DP>::BM % 16 == 0 && BwdTiles<DP>::BN % 16 == 0 && DP % 32 == 0, \
+                "tiles must fit the 16 x 8 thread layout");
+MMCL_SKA_CHECK_TILES(32)
+MMCL_SKA_CHECK_TILES(64)
+MMCL_SKA_CHECK_TILES(96)
+MMCL_SKA_CHECK_TILES(128)
+MMCL_SKA_CHECK_TILES(192)
+MMCL_SKA_CHECK_TILES(256)
+#undef MMCL_SKA_CHECK_TILES
+
+template <typename T>
+struct FwdParams {
+  const T* q;
+  const T* k;
+  const T* v;
+  const T* bias;        // null: no bias
+  const bool* kpm;      // [B, Lk], null: no key padding
+  const bool* qpm;      // [B, Lq], null: every query valid
+  T* out;               // [B, H, Lq, D]   (forward modes)
+  float* lse;           // [B, H, Lq]      (written by the forward modes, read by kRowPG)
+  float* colsum;        // [B, H, Lk]      (kForwardColsum; zeroed)
+  const float* gcol;    // [B, H, Lk]      (kRowPG: grad_colsum)
+  float* delta;         // [B, H, Lq]      (kRowPG: holds grad_out . out, gets the G term added)
+  int64_t k_bstride;    // elements between k[b] and k[b+1]: 0 for a key bank
+  int64_t bias_bstride; // 0 for a bias broadcast over the batch
+  int H, Lq, Lk, D;
+  float scale;
+  int mode;
+};
+
+template <typename T>
+struct BwdParams {
+  const T* dout;
+  const T* q;
+  const T* k;
+  const T* v;
+  const T* bias;
+  const bool* kpm;
+  const bool* qpm;
+  const float* lse;
+  const float* delta;
+  const float* gcol;    // null: no grad_colsum
+  float* dq;            // fp32 [B, H, Lq, D], zeroed, atomics
+  T* dk;                // direct store (dk_atomic false)
+  float* dk32;          // fp32 [1, H, Lk, D], zeroed, atomics (dk_atomic true)
+  T* dv;
+  T* dbias;             // direct store of dS (dbias_mode 1)
+  float* dbias32;       // fp32 [1, H, Lq, Lk], zeroed, atomics (dbias_mode 2)
+  int64_t k_bstride;
+  int64_t bias_bstride;
+  int H, Lq, Lk, D;
+  float scale;
+  bool dk_atomic;
+  int dbias_mode;  // 0 none, 1 store, 2 atomic
+};
+
+// ---------------------------------------------------------------------------------------------
+// Device helpers
+// ---------------------------------------------------------------------------------------------
+
+struct Lanes {
+  int tid, lane, tx, ty, tyw;
+};
+
+__device__ __forceinline__ Lanes lanes() {
+  Lanes l;
+  l.tid = threadIdx.x;
+  l.lane = l.tid & 31;
+  l.tx = l.lane & 7;
+  l.tyw = l.lane >> 3;
+  l.ty = (l.tid >> 5) * 4 + l.tyw;
+  return l;
+}
+
+// Rows [0, ROWS) x columns [0, DP) of dst (row stride DP + 4) from `src` (rows of D contiguous
+// elements, row 0 first): rows >= valid_rows and columns >= D are zero (the dot products and the
+// P.V sums run over them, so they must be finite). A warp covers 32 consecutive columns of one
+// row (DP is a multiple of 32): coalesced global reads, conflict-free shared stores.
+template <typename T, int ROWS, int DP>
+__device__ __forceinline__ void load_tile(float* __restrict__ dst, const T* __restrict__ src,
+                                          int valid_rows, int D) {
+  constexpr int KS = DP + 4;
+  for (int e = threadIdx.x; e < ROWS * DP; e += kThreads) {
+    const int r = e / DP;
+    const int d = e - r * DP;
+    float x = 0.f;
+    if (r < valid_rows && d < D) x = static_cast<float>(src[static_cast<int64_t>(r) * D + d]);
+    dst[r * KS + d] = x;
+  }
+}
+
+// flags[c] = 1 for a key n0 + c that exists and is not padded, else 0; c < BN.
+template <int BN>
+__device__ __forceinline__ void load_key_flags(float* __restrict__ flags,
+                                               const bool* __restrict__ kpm_b, int n0, int Lk) {
+  for (int c = threadIdx.x; c < BN; c += kThreads) {
+    const int n = n0 + c;
+    flags[c] = (n < Lk && (kpm_b == nullptr || !kpm_b[n])) ? 1.f : 0.f;
+  }
+}
+
+// s[i][j] = A[ty*TM + i] . B[tx + 8 j] over the first D4 (D rounded up to 4) columns; A and B
+// have row stride KS. Per float4 step: TM + TN shared loads (the A ones broadcast within a row
+// group) for 4 TM TN FMAs.
+template <int KS, int TM, int TN>
+__device__ __forceinline__ void dot_tile(const float* __restrict__ A, const float* __restrict__ B,
+                                         int D4, int ty, int tx, float (&s)[TM][TN]) {
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) s[i][j] = 0.f;
+#pragma unroll 2
+  for (int d = 0; d < D4; d += 4) {
+    float4 a[TM], b[TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i) a[i] = *reinterpret_cast<const float4*>(A + (ty * TM + i) * KS + d);
+#pragma unroll
+    for (int j = 0; j < TN; ++j) b[j] = *reinterpret_cast<const float4*>(B + (tx + 8 * j) * KS + d);
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j)
+        s[i][j] += a[i].x * b[j].x + a[i].y * b[j].y + a[i].z * b[j].z + a[i].w * b[j].w;
+  }
+}
+
+// The scores of a tile: s = scale q.k + bias, -inf for excluded keys (flags 0, which covers keys
+// past Lk) and for rows past the end (r >= rows_left; their bias is never read). bias_rows points
+// at bias[b', h, m0, 0] (null: no bias).
+template <typename T, int KS, int TM, int TN>
+__device__ __forceinline__ void score_tile(const float* __restrict__ Qs,
+                                           const float* __restrict__ Ks,
+                                           const float* __restrict__ flags,
+                                           const T* __restrict__ bias_rows, int Lk, int n0,
+                                           int rows_left, int D4, float scale, const Lanes& L,
+                                           float (&s)[TM][TN]) {
+  dot_tile<KS, TM, TN>(Qs, Ks, D4, L.ty, L.tx, s);
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int r = L.ty * TM + i;
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int c = L.tx + 8 * j;
+      float x = -kInf;
+      if (r < rows_left && flags[c] != 0.f) {
+        x = s[i][j] * scale;
+        if (bias_rows != nullptr)
+          x += static_cast<float>(bias_rows[static_cast<int64_t>(r) * Lk + n0 + c]);
+      }
+      s[i][j] = x;
+    }
+  }
+}
+
+__device__ __forceinline__ float row_max8(float x) {  // over the 8 lanes of a row group
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
+}
+
+__device__ __forceinline__ float row_sum8(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x + __shfl_xor_sync(0xffffffffu, x, 4);
+}
+
+__device__ __forceinline__ float col_sum4(float x) {  // over the 4 row groups of a warp
+  x += __shfl_xor_sync(0xffffffffu, x, 8);
+  return x + __shfl_xor_sync(0xffffffffu, x, 16);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------------------------
+
+// One CTA per (b = blockIdx.z, h = blockIdx.y, queries m0 .. m0+BM-1). Modes: see FwdMode.
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) ska_fwd_kernel(const FwdParams<T> p) {
+  constexpr int BM = FwdTiles<DP>::BM, BN = FwdTiles<DP>::BN;
+  constexpr int KS = DP + 4, PS = BN + 4;
+  constexpr int TM = BM / 16, TN = BN / 8, NC = DP / 32;
+  extern __shared__ float4 smem4[];
+  float* Qs = reinterpret_cast<float*>(smem4);  // [BM][KS]
+  float* Ks = Qs + BM * KS;                     // [BN][KS]
+  float* Vs = Ks + BN * KS;                     // [BN][KS]
+  float* Ps = Vs + BN * KS;                     // [BM][PS]
+  float* flags = Ps + BM * PS;                  // [BN]
+  float* col = flags + BN;                      // [BN]: colsum partials | G of the tile
+
+  const Lanes L = lanes();
+  const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * BM;
+  const int H = p.H, Lq = p.Lq, Lk = p.Lk, D = p.D, D4 = (D + 3) & ~3;
+  const int rows_left = Lq - m0;
+  const int64_t bh = static_cast<int64_t>(b) * H + h;
+  const T* kb = p.k + b * p.k_bstride + static_cast<int64_t>(h) * Lk * D;
+  const T* vb = p.v + bh * Lk * D;
+  const T* bias_rows = p.bias == nullptr
+                           ? nullptr
+                           : p.bias + b * p.bias_bstride + (static_cast<int64_t>(h) * Lq + m0) * Lk;
+  const bool* kpm_b = p.kpm == nullptr ? nullptr : p.kpm + static_cast<int64_t>(b) * Lk;
+
+  load_tile<T, BM, DP>(Qs, p.q + (bh * Lq + m0) * D, rows_left, D);  // synced at the loop tops
+
+  float lse_r[TM];
+  if (p.mode != kRowPG) {
+    float m[TM], l[TM], acc[TM][NC][4];
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+      m[i] = -kInf;
+      l[i] = 0.f;  // this lane's columns only; summed over the row group at the end
+#pragma unroll
+      for (int c = 0; c < NC; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][c][e] = 0.f;
+    }
+    for (int n0 = 0; n0 < Lk; n0 += BN) {
+      __syncthreads();  // everyone is done with the previous K, V tiles (and Qs is written)
+      load_tile<T, BN, DP>(Ks, kb + static_cast<int64_t>(n0) * D, Lk - n0, D);
+      load_tile<T, BN, DP>(Vs, vb + static_cast<int64_t>(n0) * D, Lk - n0, D);
+      load_key_flags<BN>(flags, kpm_b, n0, Lk);
+      __syncthreads();
+      float s[TM][TN];
+      score_tile<T, KS, TM, TN>(Qs, Ks, flags, bias_rows, Lk, n0, rows_left, D4, p.scale, L, s);
+#pragma unroll
+      for (int i = 0; i < TM; ++i) {
+        float mt = s[i][0];
+#pragma unroll
+        for (int j = 1; j < TN; ++j) mt = fmaxf(mt, s[i][j]);
+        const float m_new = fmaxf(m[i], row_max8(mt));  // the same in all 8 lanes of the row
+        // All scores so far -inf: subtract 0 instead, so that exp gives 0, not NaN.
+        const float m_ref = m_new == -kInf ? 0.f : m_new;
+        const float alpha = __expf(m[i] - m_ref);  // 0 when m[i] = -inf
+        m[i] = m_new;
+        float ls = 0.f;
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
+          const float pr = __expf(s[i][j] - m_ref);
+          ls += pr;
+          Ps[(L.ty * TM + i) * PS + L.tx + 8 * j] = pr;
+        }
+        l[i] = l[i] * alpha + ls;
+#pragma unroll
+        for (int c = 0; c < NC; ++c)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[i][c][e] *= alpha;
+      }
+      __syncwarp();  // P rows of this warp were written by this warp's lanes only
+      // acc += P V over the keys of the tile; past Lk, P = 0 and V = 0.
+      const int n_end = min(BN, (Lk - n0 + 3) & ~3);
+      for (int n = 0; n < n_end; n += 4) {
+        float4 pv[TM];
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+          pv[i] = *reinterpret_cast<const float4*>(Ps + (L.ty * TM + i) * PS + n);
+#pragma unroll
+        for (int e4 = 0; e4 < 4; ++e4) {
+#pragma unroll
+          for (int c = 0; c < NC; ++c) {
+            const float4 vv =
+                *reinterpret_cast<const float4*>(Vs + (n + e4) * KS + 32 * c + 4 * L.tx);
+#pragma unroll
+            for (int i = 0; i < TM; ++i) {
+              const float pe = e4 == 0 ? pv[i].x : e4 == 1 ? pv[i].y : e4 == 2 ? pv[i].z : pv[i].w;
+              acc[i][c][0] += pe * vv.x;
+              acc[i][c][1] += pe * vv.y;
+              acc[i][c][2] += pe * vv.z;
+              acc[i][c][3] += pe * vv.w;
+            }
+          }
+        }
+      }
+    }
+    // out = acc / l, lse = m + log l; empty rows (m = -inf): out = 0, lse = +inf.
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+      const float lt = row_sum8(l[i]);
+      const bool empty = m[i] == -kInf;
+      lse_r[i] = empty ? kInf : m[i] + __logf(lt);
+      const float inv = empty ? 0.f : 1.f / lt;
+      const int r = L.ty * TM + i;
+      if (r < rows_left) {
+        const int64_t row = bh * Lq + m0 + r;
+        if (L.tx == 0) p.lse[row] = lse_r[i];
+        T* orow = p.out + row * D;
+#pragma unroll
+        for (int c = 0; c < NC; ++c)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int d = 32 * c + 4 * L.tx + e;
+            if (d < D) orow[d] = static_cast<T>(acc[i][c][e] * inv);
+          }
+      }
+    }
+    if (p.mode == kForward) return;  // uniform over the CTA
+  } else {
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+      const int r = L.ty * TM + i;
+      lse_r[i] = r < rows_left ? p.lse[bh * Lq + m0 + r] : kInf;
+    }
+  }
+
+  // Second sweep, lse known: P = exp(S - lse) over the valid rows (0 elsewhere).
+  const bool colsum_mode = p.mode == kForwardColsum;
+  float valid[TM], rowacc[TM];
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int r = L.ty * TM + i;
+    valid[i] = (r < rows_left &&
+                (p.qpm == nullptr || !p.qpm[static_cast<int64_t>(b) * Lq + m0 + r])) ? 1.f : 0.f;
+    rowacc[i] = 0.f;
+  }
+  for (int n0 = 0; n0 < Lk; n0 += BN) {
+    __syncthreads();  // previous users of Ks, flags, col (incl. the colsum flush) are done
+    load_tile<T, BN, DP>(Ks, kb + static_cast<int64_t>(n0) * D, Lk - n0, D);
+    load_key_flags<BN>(flags, kpm_b, n0, Lk);
+    for (int c = L.tid; c < BN; c += kThreads) {
+      const int n = n0 + c;
+      col[c] = (colsum_mode || n >= Lk) ? 0.f : p.gcol[bh * Lk + n];
+    }
+    __syncthreads();
+    float s[TM][TN];
+    score_tile<T, KS, TM, TN>(Qs, Ks, flags, bias_rows, Lk, n0, rows_left, D4, p.scale, L, s);
+    if (colsum_mode) {
+      float cs[TN];
+#pragma unroll
+      for (int j = 0; j < TN; ++j) cs[j] = 0.f;
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) cs[j] += valid[i] * __expf(s[i][j] - lse_r[i]);
+#pragma unroll
+      for (int j = 0; j < TN; ++j) {
+        const float t = col_sum4(cs[j]);
+        if (L.tyw == 0) atomicAdd(col + L.tx + 8 * j, t);  // the 4 warps, in shared memory
+      }
+      __syncthreads();
+      for (int c = L.tid; c < BN; c += kThreads) {
+        const float t = col[c];
+        if (n0 + c < Lk && t != 0.f) atomicAdd(p.colsum + bh * Lk + n0 + c, t);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) rowacc[i] += __expf(s[i][j] - lse_r[i]) * col[L.tx + 8 * j];
+    }
+  }
+  if (!colsum_mode) {
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+      const float t = row_sum8(rowacc[i]);
+      const int r = L.ty * TM + i;
+      // one CTA owns the row, and the lane tx == 0 of its row group is the only writer
+      if (L.tx == 0 && valid[i] != 0.f) p.delta[bh * Lq + m0 + r] += t;
+    }
+  }
+}
+
+// delta[row] = dout[row] . out[row], a warp per row of D elements.
+template <typename T>
+__global__ void __launch_bounds__(kDeltaThreads)
+    ska_delta_kernel(const T* __restrict__ dout, const T* __restrict__ out,
+                     float* __restrict__ delta, int64_t rows, int D) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kDeltaThreads / 32) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;  // whole warps leave together
+  const T* a = dout + row * D;
+  const T* o = out + row * D;
+  float t = 0.f;
+  for (int d = lane; d < D; d += 32) t += static_cast<float>(a[d]) * static_cast<float>(o[d]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
+  if (lane == 0) delta[row] = t;
+}
+
+// One CTA per (b = blockIdx.z, h = blockIdx.y, keys n0 .. n0+BN-1), looping over query tiles.
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) ska_bwd_kernel(const BwdParams<T> p) {
+  constexpr int BM = BwdTiles<DP>::BM, BN = BwdTiles<DP>::BN;
+  constexpr int KS = DP + 4, PS = BN + 4;
+  constexpr int TM = BM / 16, TN = BN / 8, TK = BN / 16, NC = DP / 32;
+  extern __shared__ float4 smem4[];
+  float* Ks = reinterpret_cast<float*>(smem4);  // [BN][KS]
+  float* Vs = Ks + BN * KS;                     // [BN][KS]
+  float* Qs = Vs + BN * KS;                     // [BM][KS]
+  float* Os = Qs + BM * KS;                     // [BM][KS]  grad_out
+  float* Ps = Os + BM * KS;                     // [BM][PS]
+  float* Ss = Ps + BM * PS;                     // [BM][PS]  dS
+  float* lse_s = Ss + BM * PS;                  // [BM]
+  float* delta_s = lse_s + BM;                  // [BM]
+  float* valid_s = delta_s + BM;                // [BM]
+  float* G_s = valid_s + BM;                    // [BN]
+  float* flags = G_s + BN;                      // [BN]
+
+  const Lanes L = lanes();
+  const int b = blockIdx.z, h = blockIdx.y, n0 = blockIdx.x * BN;
+  const int H = p.H, Lq = p.Lq, Lk = p.Lk, D = p.D, D4 = (D + 3) & ~3;
+  const int64_t bh = static_cast<int64_t>(b) * H + h;
+  const int64_t k_off = b * p.k_bstride + static_cast<int64_t>(h) * Lk * D;  // k[b', h, 0, 0]
+  const int64_t bias_off = b * p.bias_bstride + static_cast<int64_t>(h) * Lq * Lk;
+
+  load_tile<T, BN, DP>(Ks, p.k + k_off + static_cast<int64_t>(n0) * D, Lk - n0, D);
+  load_tile<T, BN, DP>(Vs, p.v + (bh * Lk + n0) * D, Lk - n0, D);
+  load_key_flags<BN>(flags, p.kpm == nullptr ? nullptr : p.kpm + static_cast<int64_t>(b) * Lk,
+                     n0, Lk);
+  for (int c = L.tid; c < BN; c += kThreads)
+    G_s[c] = (p.gcol != nullptr && n0 + c < Lk) ? p.gcol[bh * Lk + n0 + c] : 0.f;
+
+  float dk[TK][NC][4], dv[TK][NC][4];
+#pragma unroll
+  for (int i = 0; i < TK; ++i)
+#pragma unroll
+    for (int c = 0; c < NC; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[i][c][e] = dv[i][c][e] = 0.f;
+
+  for (int m0 = 0; m0 < Lq; m0 += BM) {
+    const int rows_left = Lq - m0;
+    __syncthreads();  // the previous tile's readers of Qs, Os, Ps, Ss are done (and K, V are in)
+    load_tile<T, BM, DP>(Qs, p.q + (bh * Lq + m0) * D, rows_left, D);
+    load_tile<T, BM, DP>(Os, p.dout + (bh * Lq + m0) * D, rows_left, D);
+    for (int r = L.tid; r < BM; r += kThreads) {
+      const bool in = r < rows_left;
+      const int64_t row = bh * Lq + m0 + r;
+      lse_s[r] = in ? p.lse[row] : kInf;  // P = 0 on rows past Lq
+      delta_s[r] = in ? p.delta[row] : 0.f;
+      valid_s[r] = (in && (p.qpm == nullptr || !p.qpm[static_cast<int64_t>(b) * Lq + m0 + r]))
+                       ? 1.f : 0.f;
+    }
+    __syncthreads();
+
+    // S and dP of the tile, then P and dS into shared memory (and dbias out).
+    {
+      float s[TM][TN], dp[TM][TN];
+      dot_tile<KS, TM, TN>(Qs, Ks, D4, L.ty, L.tx, s);
+      dot_tile<KS, TM, TN>(Os, Vs, D4, L.ty, L.tx, dp);
+#pragma unroll
+      for (int i = 0; i < TM; ++i) {
+        const int r = L.ty * TM + i;
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
+          const int c = L.tx + 8 * j;
+          float pr = 0.f, ds = 0.f;
+          if (r < rows_left && flags[c] != 0.f) {  // flags[c] != 0 implies n0 + c < Lk
+            float x = s[i][j] * p.scale;
+            if (p.bias != nullptr)
+              x += static_cast<float>(p.bias[bias_off + static_cast<int64_t>(m0 + r) * Lk + n0 + c]);
+            pr = __expf(x - lse_s[r]);  // 0 for x = -inf or an empty row (lse = +inf)
+            ds = pr * (dp[i][j] + G_s[c] * valid_s[r] - delta_s[r]);
+          }
+          Ps[r * PS + c] = pr;
+          Ss[r * PS + c] = ds;
+          if (p.dbias_mode != 0 && r < rows_left && n0 + c < Lk) {
+            const int64_t idx = bias_off + static_cast<int64_t>(m0 + r) * Lk + n0 + c;
+            if (p.dbias_mode == 1)
+              p.dbias[idx] = static_cast<T>(ds);  // this CTA is the only writer of (m, n)
+            else if (ds != 0.f)
+              atomicAdd(p.dbias32 + idx, ds);  // bias_bstride = 0: summed over b
+          }
+        }
+      }
+    }
+    __syncthreads();
+
+    // dv[n] += sum_m P[m][n] dO[m], dk[n] += sum_m dS[m][n] q[m]; rows past Lq are all zero.
+    const int m_end = min(BM, rows_left);
+    for (int r = 0; r < m_end; ++r) {
+      float pv[TK], sv[TK];
+#pragma unroll
+      for (int i = 0; i < TK; ++i) {
+        pv[i] = Ps[r * PS + L.ty * TK + i];
+        sv[i] = Ss[r * PS + L.ty * TK + i];
+      }
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        const float4 o = *reinterpret_cast<const float4*>(Os + r * KS + 32 * c + 4 * L.tx);
+        const float4 qq = *reinterpret_cast<const float4*>(Qs + r * KS + 32 * c + 4 * L.tx);
+#pragma unroll
+        for (int i = 0; i < TK; ++i) {
+          dv[i][c][0] += pv[i] * o.x;
+          dv[i][c][1] += pv[i] * o.y;
+          dv[i][c][2] += pv[i] * o.z;
+          dv[i][c][3] += pv[i] * o.w;
+          dk[i][c][0] += sv[i] * qq.x;
+          dk[i][c][1] += sv[i] * qq.y;
+          dk[i][c][2] += sv[i] * qq.z;
+          dk[i][c][3] += sv[i] * qq.w;
+        }
+      }
+    }
+
+    // dq[m] += scale sum_n dS[m][n] k[n], one 32-column chunk at a time (few registers), added
+    // atomically: the other key tiles of (b, h) add to the same rows.
+    const int n_end = min(BN, (Lk - n0 + 3) & ~3);  // past Lk, dS = 0 and K = 0
+#pragma unroll 1
+    for (int c = 0; c < NC; ++c) {
+      if (32 * c >= D) break;  // uniform
+      float a[TM][4];
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[i][e] = 0.f;
+      for (int n = 0; n < n_end; n += 4) {
+        float4 sv[TM];
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+          sv[i] = *reinterpret_cast<const float4*>(Ss + (L.ty * TM + i) * PS + n);
+#pragma unroll
+        for (int e4 = 0; e4 < 4; ++e4) {
+          const float4 kk =
+              *reinterpret_cast<const float4*>(Ks + (n + e4) * KS + 32 * c + 4 * L.tx);
+#pragma unroll
+          for (int i = 0; i < TM; ++i) {
+            const float se = e4 == 0 ? sv[i].x : e4 == 1 ? sv[i].y : e4 == 2 ? sv[i].z : sv[i].w;
+            a[i][0] += se * kk.x;
+            a[i][1] += se * kk.y;
+            a[i][2] += se * kk.z;
+            a[i][3] += se * kk.w;
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < TM; ++i) {
+        const int r = L.ty * TM + i;
+        if (r >= rows_left) continue;
+        float* dqrow = p.dq + (bh * Lq + m0 + r) * D;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int d = 32 * c + 4 * L.tx + e;
+          if (d < D && a[i][e] != 0.f) atomicAdd(dqrow + d, p.scale * a[i][e]);
+        }
+      }
+    }
+  }
+
+  // dk, dv of the CTA's keys: dv and (own keys) dk stored, a key bank's dk added atomically.
+#pragma unroll
+  for (int i = 0; i < TK; ++i) {
+    const int n = n0 + L.ty * TK + i;
+    if (n >= Lk) continue;
+    T* dvrow = p.dv + (bh * Lk + n) * D;
+    const int64_t krow = (static_cast<int64_t>(h) * Lk + n) * D;  // dk32 is [1, H, Lk, D]
+#pragma unroll
+    for (int c = 0; c < NC; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int d = 32 * c + 4 * L.tx + e;
+        if (d >= D) continue;
+        dvrow[d] = static_cast<T>(dv[i][c][e]);
+        const float g = p.scale * dk[i][c][e];
+        if (p.dk_atomic) {
+          if (g != 0.f) atomicAdd(p.dk32 + krow + d, g);
+        } else {
+          p.dk[k_off + static_cast<int64_t>(n) * D + d] = static_cast<T>(g);
+        }
+      }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------
+
+// float32, float16, bfloat16 only (float64 is rejected by check_inputs: its lse would have to be
+// float64, and the CPU kernel serves it).
+#define MMCL_SKA_DISPATCH(TYPE, NAME, ...)                       \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)     \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+int head_dim_bucket(int64_t D) {
+  if (D <= 32) return 32;
+  if (D <= 64) return 64;
+  if (D <= 96) return 96;
+  if (D <= 128) return 128;
+  if (D <= 192) return 192;
+  return 256;
+}
+
+// Dynamic shared memory above 48 KB must be requested per kernel; the tiles keep it under 99 KB,
+// the smallest opt-in limit from sm_80 on, but check the card anyway.
+template <typename Kernel>
+void prepare_smem(Kernel kernel, int bytes) {
+  const int limit = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  TORCH_CHECK(bytes <= limit, "mmcl_fast: shared_key_attention needs ", bytes,
+              " bytes of shared memory per block, this GPU allows ", limit);
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+template <typename T, int DP>
+void launch_fwd(const FwdParams<T>& p, int B, cudaStream_t stream) {
+  const auto kernel = ska_fwd_kernel<T, DP>;
+  constexpr int bytes = FwdTiles<DP>::kBytes;
+  prepare_smem(kernel, bytes);
+  const dim3 grid((p.Lq + FwdTiles<DP>::BM - 1) / FwdTiles<DP>::BM, p.H, B);
+  kernel<<<grid, kThreads, bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int DP>
+void launch_bwd(const BwdParams<T>& p, int B, cudaStream_t stream) {
+  const auto kernel = ska_bwd_kernel<T, DP>;
+  constexpr int bytes = BwdTiles<DP>::kBytes;
+  prepare_smem(kernel, bytes);
+  const dim3 grid((p.Lk + BwdTiles<DP>::BN - 1) / BwdTiles<DP>::BN, p.H, B);
+  kernel<<<grid, kThreads, bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void dispatch_fwd(const FwdParams<T>& p, int B, cudaStream_t stream) {
+  switch (head_dim_bucket(p.D)) {
+    case 32: launch_fwd<T, 32>(p, B, stream); break;
+    case 64: launch_fwd<T, 64>(p, B, stream); break;
+    case 96: launch_fwd<T, 96>(p, B, stream); break;
+    case 128: launch_fwd<T, 128>(p, B, stream); break;
+    case 192: launch_fwd<T, 192>(p, B, stream); break;
+    default: launch_fwd<T, 256>(p, B, stream); break;
+  }
+}
+
+template <typename T>
+void dispatch_bwd(const BwdParams<T>& p, int B, cudaStream_t stream) {
+  switch (head_dim_bucket(p.D)) {
+    case 32: launch_bwd<T, 32>(p, B, stream); break;
+    case 64: launch_bwd<T, 64>(p, B, stream); break;
+    case 96: launch_bwd<T, 96>(p, B, stream); break;
+    case 128: launch_bwd<T, 128>(p, B, stream); break;
+    case 192: launch_bwd<T, 192>(p, B, stream); break;
+    default: launch_bwd<T, 256>(p, B, stream); break;
+  }
+}
+
+// The shapes every op shares, checked once.
+struct Shapes {
+  int64_t B, H, Lq, Lk, D, Bk, Bb;
+};
+
+void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t dim) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "mmcl_fast: ska: ", name,
+              " must be on ", q.device(), ", got ", t.device());
+  TORCH_CHECK(t.dim() == dim, "mmcl_fast: ska: ", name, " must have ", dim, " dims, got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "mmcl_fast: ska: ", name, " must be contiguous");
+}
+
+Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& key_padding_mask,
+                    const std::optional<at::Tensor>& query_padding_mask) {
+  check_tensor(q, "q", q, 4);
+  check_tensor(k, "k", k, 4);
+  check_tensor(v, "v", v, 4);
+  const at::ScalarType dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "mmcl_fast: ska: the CUDA kernel takes float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt,
+              "mmcl_fast: ska: q, k and v must share one dtype");
+  Shapes s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), k.size(0), 0};
+  TORCH_CHECK(s.B >= 1 && s.H >= 1 && s.Lq >= 1 && s.Lk >= 1, "mmcl_fast: ska: empty q or k, ",
+              q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(s.D >= 1 && s.D <= 256, "mmcl_fast: ska: head dim must be in 1..256, got ", s.D);
+  TORCH_CHECK((s.Bk == 1 || s.Bk == s.B) && k.size(1) == s.H && k.size(3) == s.D,
+              "mmcl_fast: ska: k must be [1 or B, H, Lk, D], got ", k.sizes(), " for q ", q.sizes());
+  TORCH_CHECK(v.size(0) == s.B && v.size(1) == s.H && v.size(2) == s.Lk && v.size(3) == s.D,
+              "mmcl_fast: ska: v must be [B, H, Lk, D], got ", v.sizes());
+  TORCH_CHECK(s.B <= 65535 && s.H <= 65535, "mmcl_fast: ska: B and H must be <= 65535");
+  TORCH_CHECK(s.Lq <= INT32_MAX / 2 && s.Lk <= INT32_MAX / 2, "mmcl_fast: ska: sequence too long");
+  if (bias.has_value()) {
+    check_tensor(*bias, "bias", q, 4);
+    TORCH_CHECK(bias->scalar_type() == dt, "mmcl_fast: ska: bias must have the dtype of q");
+    s.Bb = bias->size(0);
+    TORCH_CHECK((s.Bb == 1 || s.Bb == s.B) && bias->size(1) == s.H && bias->size(2) == s.Lq &&
+                    bias->size(3) == s.Lk,
+                "mmcl_fast: ska: bias must be [1 or B, H, Lq, Lk], got ", bias->sizes());
+  }
+  if (key_padding_mask.has_value()) {
+    check_tensor(*key_padding_mask, "key_padding_mask", q, 2);
+    TORCH_CHECK(key_padding_mask->scalar_type() == at::kBool &&
+                    key_padding_mask->size(0) == s.B && key_padding_mask->size(1) == s.Lk,
+                "mmcl_fast: ska: key_padding_mask must be bool [B, Lk], got ",
+                key_padding_mask->scalar_type(), " ", key_padding_mask->sizes());
+  }
+  if (query_padding_mask.has_value()) {
+    check_tensor(*query_padding_mask, "query_padding_mask", q, 2);
+    TORCH_CHECK(query_padding_mask->scalar_type() == at::kBool &&
+                    query_padding_mask->size(0) == s.B && query_padding_mask->size(1) == s.Lq,
+                "mmcl_fast: ska: query_padding_mask must be bool [B, Lq], got ",
+                query_padding_mask->scalar_type(), " ", query_padding_mask->sizes());
+  }
+  return s;
+}
+
+template <typename T>
+const T* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ska_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& query_padding_mask, double scale, bool need_colsum) {
+  TORCH_CHECK(q.is_cuda(), "mmcl_fast: ska_forward: q must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const Shapes s = check_inputs(q, k, v, bias, key_padding_mask, query_padding_mask);
+  const at::TensorOptions f32 = q.options().dtype(at::kFloat);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({s.B, s.H, s.Lq}, f32);
+  at::Tensor colsum = need_colsum ? at::zeros({s.B, s.H, s.Lk}, f32) : at::empty({0}, f32);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  MMCL_SKA_DISPATCH(q.scalar_type(), "ska_forward_cuda", [&] {
+    FwdParams<scalar_t> p{};
+    p.q = q.const_data_ptr<scalar_t>();
+    p.k = k.const_data_ptr<scalar_t>();
+    p.v = v.const_data_ptr<scalar_t>();
+    p.bias = opt_ptr<scalar_t>(bias);
+    p.kpm = opt_ptr<bool>(key_padding_mask);
+    p.qpm = opt_ptr<bool>(query_padding_mask);
+    p.out = out.data_ptr<scalar_t>();
+    p.lse = lse.data_ptr<float>();
+    p.colsum = need_colsum ? colsum.data_ptr<float>() : nullptr;
+    p.gcol = nullptr;
+    p.delta = nullptr;
+    p.k_bstride = s.Bk == 1 ? 0 : s.H * s.Lk * s.D;
+    p.bias_bstride = s.Bb == 1 ? 0 : s.H * s.Lq * s.Lk;
+    p.H = static_cast<int>(s.H);
+    p.Lq = static_cast<int>(s.Lq);
+    p.Lk = static_cast<int>(s.Lk);
+    p.D = static_cast<int>(s.D);
+    p.scale = static_cast<float>(scale);
+    p.mode = need_colsum ? kForwardColsum : kForward;
+    dispatch_fwd<scalar_t>(p, static_cast<int>(s.B), stream);
+  });
+  return {out, lse, colsum};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& query_padding_mask, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& grad_colsum, double scale,
+    bool need_dbias) {
+  TORCH_CHECK(q.is_cuda(), "mmcl_fast: ska_backward: q must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const Shapes s = check_inputs(q, k, v, bias, key_padding_mask, query_padding_mask);
+  TORCH_CHECK(!need_dbias || bias.has_value(), "mmcl_fast: ska_backward: need_dbias without a bias");
+  // Autograd may hand a non-contiguous (e.g. expanded) gradient: made contiguous, not rejected.
+  const at::Tensor dout = grad_out.contiguous();
+  check_tensor(dout, "grad_out", q, 4);
+  TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type(),
+              "mmcl_fast: ska_backward: grad_out must match q in shape and dtype, got ",
+              dout.sizes(), " ", dout.scalar_type());
+  check_tensor(out, "out", q, 4);
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
+              "mmcl_fast: ska_backward: out must match q in shape and dtype");
+  check_tensor(lse, "lse", q, 3);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.size(0) == s.B && lse.size(1) == s.H &&
+                  lse.size(2) == s.Lq,
+              "mmcl_fast: ska_backward: lse must be float32 [B, H, Lq], got ", lse.scalar_type(),
+              " ", lse.sizes());
+  at::Tensor gcol;
+  if (grad_colsum.has_value()) {
+    gcol = grad_colsum->to(at::kFloat).contiguous();
+    check_tensor(gcol, "grad_colsum", q, 3);
+    TORCH_CHECK(gcol.size(0) == s.B && gcol.size(1) == s.H && gcol.size(2) == s.Lk,
+                "mmcl_fast: ska_backward: grad_colsum must be [B, H, Lk], got ", gcol.sizes());
+  }
+
+  const at::TensorOptions f32 = q.options().dtype(at::kFloat);
+  const bool dk_atomic = s.Bk == 1 && s.B > 1;
+  const int dbias_mode = !need_dbias ? 0 : (s.Bb == 1 && s.B > 1 ? 2 : 1);
+  at::Tensor delta = at::empty({s.B, s.H, s.Lq}, f32);
+  at::Tensor dq32 = at::zeros(q.sizes(), f32);
+  at::Tensor dk = dk_atomic ? at::zeros(k.sizes(), f32) : at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dbias;
+  if (dbias_mode == 2)
+    dbias = at::zeros(bias->sizes(), f32);
+  else if (dbias_mode == 1)
+    dbias = at::empty(bias->sizes(), bias->options());
+  else
+    dbias = at::empty({0}, bias.has_value() ? bias->options() : q.options());
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  MMCL_SKA_DISPATCH(q.scalar_type(), "ska_backward_cuda", [&] {
+    const int64_t rows = s.B * s.H * s.Lq;
+    constexpr int rows_per_block = kDeltaThreads / 32;
+    ska_delta_kernel<scalar_t><<<(rows + rows_per_block - 1) / rows_per_block, kDeltaThreads, 0,
+                                 stream>>>(dout.const_data_ptr<scalar_t>(),
+                                           out.const_data_ptr<scalar_t>(),
+                                           delta.data_ptr<float>(), rows, static_cast<int>(s.D));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t k_bstride = s.Bk == 1 ? 0 : s.H * s.Lk * s.D;
+    const int64_t bias_bstride = s.Bb == 1 ? 0 : s.H * s.Lq * s.Lk;
+    if (gcol.defined()) {  // delta += valid * sum_j P G_j: one sweep over the keys
+      FwdParams<scalar_t> f{};
+      f.q = q.const_data_ptr<scalar_t>();
+      f.k = k.const_data_ptr<scalar_t>();
+      f.v = v.const_data_ptr<scalar_t>();
+      f.bias = opt_ptr<scalar_t>(bias);
+      f.kpm = opt_ptr<bool>(key_padding_mask);
+      f.qpm = opt_ptr<bool>(query_padding_mask);
+      f.out = nullptr;
+      f.lse = const_cast<float*>(lse.const_data_ptr<float>());  // only read in this mode
+      f.colsum = nullptr;
+      f.gcol = gcol.const_data_ptr<float>();
+      f.delta = delta.data_ptr<float>();
+      f.k_bstride = k_bstride;
+      f.bias_bstride = bias_bstride;
+      f.H = static_cast<int>(s.H);
+      f.Lq = static_cast<int>(s.Lq);
+      f.Lk = static_cast<int>(s.Lk);
+      f.D = static_cast<int>(s.D);
+      f.scale = static_cast<float>(scale);
+      f.mode = kRowPG;
+      dispatch_fwd<scalar_t>(f, static_cast<int>(s.B), stream);
+    }
+    BwdParams<scalar_t> p{};
+    p.dout = dout.const_data_ptr<scalar_t>();
+    p.q = q.const_data_ptr<scalar_t>();
+    p.k = k.const_data_ptr<scalar_t>();
+    p.v = v.const_data_ptr<scalar_t>();
+    p.bias = opt_ptr<scalar_t>(bias);
+    p.kpm = opt_ptr<bool>(key_padding_mask);
+    p.qpm = opt_ptr<bool>(query_padding_mask);
+    p.lse = lse.const_data_ptr<float>();
+    p.delta = delta.const_data_ptr<float>();
+    p.gcol = gcol.defined() ? gcol.const_data_ptr<float>() : nullptr;
+    p.dq = dq32.data_ptr<float>();
+    p.dk = dk_atomic ? nullptr : dk.data_ptr<scalar_t>();
+    p.dk32 = dk_atomic ? dk.data_ptr<float>() : nullptr;
+    p.dv = dv.data_ptr<scalar_t>();
+    p.dbias = dbias_mode == 1 ? dbias.data_ptr<scalar_t>() : nullptr;
+    p.dbias32 = dbias_mode == 2 ? dbias.data_ptr<float>() : nullptr;
+    p.k_bstride = k_bstride;
+    p.bias_bstride = bias_bstride;
+    p.H = static_cast<int>(s.H);
+    p.Lq = static_cast<int>(s.Lq);
+    p.Lk = static_cast<int>(s.Lk);
+    p.D = static_cast<int>(s.D);
+    p.scale = static_cast<float>(scale);
+    p.dk_atomic = dk_atomic;
+    p.dbias_mode = dbias_mode;
+    dispatch_bwd<scalar_t>(p, static_cast<int>(s.B), stream);
+  });
+  // fp32 accumulation buffers to the output dtypes (no-ops for float32).
+  at::Tensor dq = dq32.to(q.scalar_type());
+  if (dk_atomic) dk = dk.to(k.scalar_type());
+  if (dbias_mode == 2) dbias = dbias.to(bias->scalar_type());
+  return {dq, dk, dv, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmcl_fast, CUDA, m) {
+  m.impl("ska_forward", &ska_forward_cuda);
+  m.impl("ska_backward", &ska_backward_cuda);
+}
+
+}  // namespace mmcl_fast

@@ -1,0 +1,570 @@
+"""Op family B in Triton: shared-key attention, flash-style, with the column sums of P.
+
+The maths (DESIGN.md section 5.2; the contract of mmcl_fast::ska_forward / ska_backward), per
+(b, h), with k read from k[0] when k is a shared bank (Bk == 1) and bias from bias[0] when Bb == 1:
+
+    S_ij  = scale q_i . k_j + bias_ij             (-inf where key j is padded)
+    lse_i = log sum_j exp(S_ij);  P_ij = exp(S_ij - lse_i);  out_i = sum_j P_ij v_j
+            (an "empty" row, all S_ij = -inf: out_i = 0, lse_i = +inf, so P_i. = 0 everywhere)
+    colsum_j = sum_{i valid} P_ij                 (valid_i = not query_padding_mask[b, i])
+
+    G_j     = grad_colsum[b, h, j] (0 when None)
+    dP_ij   = dO_i . v_j + G_j valid_i
+    Delta_i = dO_i . out_i + valid_i sum_j P_ij G_j          (= sum_j P_ij dP_ij)
+    dS_ij   = P_ij (dP_ij - Delta_i)
+    dq_i = scale sum_j dS_ij k_j;  dk_j = scale sum_i dS_ij q_i (summed over b for a bank);
+    dv_j = sum_i P_ij dO_i;  dbias_ij = dS_ij (summed over b when Bb == 1)
+
+Nothing of size B*H*Lq*Lk is ever allocated, except dbias when it is asked for. The kernels work
+on [BLOCK_M, BLOCK_N] tiles of S in the log2 domain (S * log2(e), exp2), accumulate in float32
+(inputs float32 / float16 / bfloat16; lse, colsum float32), and BLOCK_D = next power of two >= D
+(at least 16), loads masked on d < D. float32 tiles are multiplied with tl.dot's "ieee"
+precision (not TF32), so float32 results stay float32-accurate.
+
+Launches (each a 1-D grid of tiles x B*H, the tiles of one (b, h) adjacent):
+  forward   _fwd_kernel, grid Lq tiles x B*H: online softmax over the key tiles -> out, lse.
+            _colsum_kernel (only when need_colsum), grid Lk tiles x B*H: loops over the query
+            tiles, P recomputed from the final lse (padded queries get lse = +inf, i.e. P = 0),
+            column sums kept in registers: deterministic, no atomics, no zeroing.
+  backward  _bwd_pre_kernel, grid Lq tiles x B*H: Delta (plus, only when grad_colsum is given,
+            a sweep over the key tiles for sum_j P_ij G_j).
+            _bwd_dkdv_kernel, grid Lk tiles x B*H: loops over the query tiles in the transposed
+            orientation ([BLOCK_N, BLOCK_M] tiles of S^T) -> dk, dv. For a shared bank
+            (Bk == 1 < B) dk goes per batch element into a float32 [B, H, Lk, D] buffer that torch
+            sums over b afterwards (deterministic; the buffer is the size of dv).
+            _bwd_dq_kernel, grid Lq tiles x B*H: loops over the key tiles -> dq, and dbias
+            (stored tile by tile when Bb == B; atomically added into a zeroed float32 [1, H, Lq, Lk]
+            when Bb == 1 < B, the only non-deterministic sum).
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+# tl.dot on float32 tiles: "ieee" keeps float32 accuracy (the default "tf32" would not).
+_F32_PRECISION = "ieee"
+
+
+# ---------------------------------------------------------------------------------------------
+# Device helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_bh(L, BLOCK: tl.constexpr):
+    """(tile index, b*h) of this program on the 1-D grid (L tiles) * (B*H), tiles fastest (the
+    programs of one (b, h) run together and share its keys and values in L2; a 1-D grid has no
+    65535 limit on B*H)."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(L, BLOCK)
+    return pid % n_tiles, (pid // n_tiles).to(tl.int64)
+
+
+@triton.jit
+def _load_rows(base, offs_r, r_valid, offs_d, d_valid, D):
+    """The [len(offs_r), BLOCK_D] tile of rows offs_r of a row-major [*, D] matrix (zeros outside)."""
+    return tl.load(base + offs_r[:, None] * D + offs_d[None, :],
+                   mask=r_valid[:, None] & d_valid[None, :], other=0.0)
+
+
+@triton.jit
+def _key_keep(kpm_base, offs_n, n_valid, HAS_KPM: tl.constexpr):
+    """Boolean [BLOCK_N]: key j exists and is not padded."""
+    keep = n_valid
+    if HAS_KPM:
+        pad = tl.load(kpm_base + offs_n, mask=n_valid, other=1)
+        keep = n_valid & (pad == 0)
+    return keep
+
+
+@triton.jit
+def _query_valid(qpm_base, offs_m, m_valid, HAS_QPM: tl.constexpr):
+    """Boolean [BLOCK_M]: query i exists and is not padded."""
+    valid = m_valid
+    if HAS_QPM:
+        pad = tl.load(qpm_base + offs_m, mask=m_valid, other=1)
+        valid = m_valid & (pad == 0)
+    return valid
+
+
+@triton.jit
+def _scores(q, k, bias_base, offs_m, m_valid, offs_n, n_valid, keep, Lk, qk_scale,
+            HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+    """S * log2(e) of the [BLOCK_M, BLOCK_N] tile (q [BLOCK_M, BLOCK_D], k [BLOCK_N, BLOCK_D]);
+    -inf where the key is padded or out of range."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    if HAS_BIAS:
+        bias = tl.load(bias_base + offs_m[:, None] * Lk + offs_n[None, :],
+                       mask=m_valid[:, None] & n_valid[None, :], other=0.0).to(tl.float32)
+        s = s + bias * 1.4426950408889634
+    return tl.where(keep[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _scores_t(k, q, bias_base, offs_m, m_valid, offs_n, n_valid, keep, Lk, qk_scale,
+              HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+    """S^T * log2(e) of the [BLOCK_N, BLOCK_M] tile (the bias tile is read row-major, then
+    transposed, so that the loads stay coalesced)."""
+    st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+    if HAS_BIAS:
+        bias = tl.load(bias_base + offs_m[:, None] * Lk + offs_n[None, :],
+                       mask=m_valid[:, None] & n_valid[None, :], other=0.0).to(tl.float32)
+        st = st + tl.trans(bias) * 1.4426950408889634
+    return tl.where(keep[:, None], st, float("-inf"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, Bias, KPM, Out, LSE, H, Lq, Lk, D, stride_kb, stride_bb, qk_scale,
+                HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m, bh = _tile_bh(Lq, BLOCK_M)
+    b = bh // H
+    h = bh % H
+    q_base = Q + bh * Lq * D
+    k_base = K + b * stride_kb + h * Lk * D
+    v_base = V + bh * Lk * D
+    bias_base = Bias + b * stride_bb + h * Lq * Lk
+    kpm_base = KPM + b * Lk
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < Lq
+    d_valid = offs_d < D
+    q = _load_rows(q_base, offs_m, m_valid, offs_d, d_valid, D)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, Lk, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < Lk
+        keep = _key_keep(kpm_base, offs_n, n_valid, HAS_KPM)
+        k = _load_rows(k_base, offs_n, n_valid, offs_d, d_valid, D)
+        s = _scores(q, k, bias_base, offs_m, m_valid, offs_n, n_valid, keep, Lk, qk_scale,
+                    HAS_BIAS, PREC)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # rows with no finite score yet: subtract 0 instead of -inf (no -inf - -inf = NaN)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base, offs_n, n_valid, offs_d, d_valid, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    empty = l_i == 0.0
+    l_div = tl.where(empty, 1.0, l_i)
+    out = acc / l_div[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_div)) * 0.6931471805599453)
+    tl.store(Out + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=m_valid[:, None] & d_valid[None, :])
+    tl.store(LSE + bh * Lq + offs_m, lse, mask=m_valid)
+
+
+@triton.jit
+def _colsum_kernel(Q, K, Bias, KPM, QPM, LSE, Colsum, H, Lq, Lk, D, stride_kb, stride_bb, qk_scale,
+                   HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_QPM: tl.constexpr,
+                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    pid_n, bh = _tile_bh(Lk, BLOCK_N)
+    b = bh // H
+    h = bh % H
+    q_base = Q + bh * Lq * D
+    k_base = K + b * stride_kb + h * Lk * D
+    bias_base = Bias + b * stride_bb + h * Lq * Lk
+    lse_base = LSE + bh * Lq
+    qpm_base = QPM + b * Lq
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = offs_n < Lk
+    d_valid = offs_d < D
+    keep = _key_keep(KPM + b * Lk, offs_n, n_valid, HAS_KPM)
+    k = _load_rows(k_base, offs_n, n_valid, offs_d, d_valid, D)
+    colsum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start_m in range(0, Lq, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < Lq
+        valid = _query_valid(qpm_base, offs_m, m_valid, HAS_QPM)
+        q = _load_rows(q_base, offs_m, m_valid, offs_d, d_valid, D)
+        lse2 = tl.load(lse_base + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.where(valid, lse2, float("inf"))  # padded queries: P = 0
+        s = _scores(q, k, bias_base, offs_m, m_valid, offs_n, n_valid, keep, Lk, qk_scale,
+                    HAS_BIAS, PREC)
+        colsum += tl.sum(tl.exp2(s - lse2[:, None]), 0)
+    tl.store(Colsum + bh * Lk + offs_n, colsum, mask=n_valid)
+
+
+@triton.jit
+def _bwd_pre_kernel(DO, O, Q, K, Bias, KPM, QPM, LSE, G, Delta, H, Lq, Lk, D, stride_kb, stride_bb,
+                    qk_scale, HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
+                    HAS_QPM: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m, bh = _tile_bh(Lq, BLOCK_M)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < Lq
+    d_valid = offs_d < D
+    do = _load_rows(DO + bh * Lq * D, offs_m, m_valid, offs_d, d_valid, D).to(tl.float32)
+    o = _load_rows(O + bh * Lq * D, offs_m, m_valid, offs_d, d_valid, D).to(tl.float32)
+    delta = tl.sum(do * o, 1)
+    if HAS_G:
+        valid = _query_valid(QPM + b * Lq, offs_m, m_valid, HAS_QPM)
+        q = _load_rows(Q + bh * Lq * D, offs_m, m_valid, offs_d, d_valid, D)
+        lse2 = tl.load(LSE + bh * Lq + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
+        k_base = K + b * stride_kb + h * Lk * D
+        bias_base = Bias + b * stride_bb + h * Lq * Lk
+        pg = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start_n in range(0, Lk, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_valid = offs_n < Lk
+            keep = _key_keep(KPM + b * Lk, offs_n, n_valid, HAS_KPM)
+            k = _load_rows(k_base, offs_n, n_valid, offs_d, d_valid, D)
+            s = _scores(q, k, bias_base, offs_m, m_valid, offs_n, n_valid, keep, Lk, qk_scale,
+                        HAS_BIAS, PREC)
+            g = tl.load(G + bh * Lk + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+            pg += tl.sum(tl.exp2(s - lse2[:, None]) * g[None, :], 1)
+        delta += tl.where(valid, pg, 0.0)
+    tl.store(Delta + bh * Lq + offs_m, delta, mask=m_valid)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, Bias, KPM, QPM, DO, LSE, Delta, G, DK, DV, H, Lq, Lk, D, stride_kb,
+                     stride_bb, qk_scale, scale, HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_KPM: tl.constexpr, HAS_QPM: tl.constexpr, PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n, bh = _tile_bh(Lk, BLOCK_N)
+    b = bh // H
+    h = bh % H
+    q_base = Q + bh * Lq * D
+    do_base = DO + bh * Lq * D
+    bias_base = Bias + b * stride_bb + h * Lq * Lk
+    qpm_base = QPM + b * Lq
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = offs_n < Lk
+    d_valid = offs_d < D
+    keep = _key_keep(KPM + b * Lk, offs_n, n_valid, HAS_KPM)
+    k = _load_rows(K + b * stride_kb + h * Lk * D, offs_n, n_valid, offs_d, d_valid, D)
+    v = _load_rows(V + bh * Lk * D, offs_n, n_valid, offs_d, d_valid, D)
+    g = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_G:
+        g = tl.load(G + bh * Lk + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, Lq, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < Lq
+        q = _load_rows(q_base, offs_m, m_valid, offs_d, d_valid, D)
+        do = _load_rows(do_base, offs_m, m_valid, offs_d, d_valid, D)
+        lse2 = tl.load(LSE + bh * Lq + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(Delta + bh * Lq + offs_m, mask=m_valid, other=0.0)
+        st = _scores_t(k, q, bias_base, offs_m, m_valid, offs_n, n_valid, keep, Lk, qk_scale,
+                       HAS_BIAS, PREC)
+        pt = tl.exp2(st - lse2[None, :])
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+        if HAS_G:
+            valid = _query_valid(qpm_base, offs_m, m_valid, HAS_QPM)
+            dpt += g[:, None] * valid.to(tl.float32)[None, :]
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+    dk = dk * scale
+    out_offs = bh * Lk * D + offs_n[:, None] * D + offs_d[None, :]
+    out_mask = n_valid[:, None] & d_valid[None, :]
+    tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, Bias, KPM, QPM, DO, LSE, Delta, G, DQ, DBias, H, Lq, Lk, D, stride_kb,
+                   stride_bb, qk_scale, scale, HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   HAS_KPM: tl.constexpr, HAS_QPM: tl.constexpr, NEED_DBIAS: tl.constexpr,
+                   DBIAS_ATOMIC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m, bh = _tile_bh(Lq, BLOCK_M)
+    b = bh // H
+    h = bh % H
+    k_base = K + b * stride_kb + h * Lk * D
+    v_base = V + bh * Lk * D
+    bias_base = Bias + b * stride_bb + h * Lq * Lk
+    dbias_base = DBias + b * stride_bb + h * Lq * Lk
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < Lq
+    d_valid = offs_d < D
+    q = _load_rows(Q + bh * Lq * D, offs_m, m_valid, offs_d, d_valid, D)
+    do = _load_rows(DO + bh * Lq * D, offs_m, m_valid, offs_d, d_valid, D)
+    lse2 = tl.load(LSE + bh * Lq + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + bh * Lq + offs_m, mask=m_valid, other=0.0)
+    validf = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_G:
+        validf = _query_valid(QPM + b * Lq, offs_m, m_valid, HAS_QPM).to(tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, Lk, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < Lk
+        keep = _key_keep(KPM + b * Lk, offs_n, n_valid, HAS_KPM)
+        k = _load_rows(k_base, offs_n, n_valid, offs_d, d_valid, D)
+        v = _load_rows(v_base, offs_n, n_valid, offs_d, d_valid, D)
+        s = _scores(q, k, bias_base, offs_m, m_valid, offs_n, n_valid, keep, Lk, qk_scale,
+                    HAS_BIAS, PREC)
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        if HAS_G:
+            g = tl.load(G + bh * Lk + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+            dp += validf[:, None] * g[None, :]
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        if NEED_DBIAS:
+            db_ptrs = dbias_base + offs_m[:, None] * Lk + offs_n[None, :]
+            db_mask = m_valid[:, None] & n_valid[None, :]
+            if DBIAS_ATOMIC:
+                tl.atomic_add(db_ptrs, ds, mask=db_mask)
+            else:
+                tl.store(db_ptrs, ds.to(DBias.dtype.element_ty), mask=db_mask)
+    dq = dq * scale
+    tl.store(DQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=m_valid[:, None] & d_valid[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+
+
+def _config(D: int, dtype: torch.dtype, backward: bool = False):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) by head size and element size (one
+    config, no autotuning: the backward's atomic dbias sum must not be run twice). The backward
+    kernels hold two more [BLOCK, BLOCK_D] float32 accumulators: more warps for wide rows."""
+    block_d = max(16, triton.next_power_of_2(D))
+    if _INTERPRET:
+        return 16, 16, block_d, 4, 1
+    wide = block_d * (4 if dtype == torch.float32 else 2)  # bytes of one row of a tile
+    if wide <= 128:
+        return 64, 64, block_d, 4, 2 if backward else 3
+    if wide <= 256:
+        return 64, 64, block_d, 8 if backward else 4, 2
+    if wide <= 512:
+        return 64, 32, block_d, 8 if backward else 4, 2
+    return 32, 32, block_d, 8, 1
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return _F32_PRECISION if dtype == torch.float32 else "tf32"
+
+
+class _NullGuard:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _device_guard(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return _NullGuard()
+
+
+def _check_device(q: torch.Tensor):
+    if q.device.type != "cuda" and not _INTERPRET:
+        raise RuntimeError(
+            "mmcl_fast (triton): shared-key attention needs CUDA tensors (CPU tensors only under "
+            "TRITON_INTERPRET=1)"
+        )
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"mmcl_fast (triton): q must be float32/float16/bfloat16, got {q.dtype}")
+
+
+def _mask_bytes(mask: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
+    """A bool mask as uint8 (the kernels test != 0), or a dummy pointer when absent."""
+    if mask is None:
+        return dummy
+    mask = mask.contiguous()
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def _common(q, k, bias, key_padding_mask, query_padding_mask):
+    B, H, Lq, D = q.shape
+    Bk, _, Lk, _ = k.shape
+    stride_kb = 0 if Bk == 1 else H * Lk * D
+    stride_bb = 0
+    if bias is not None:
+        stride_bb = 0 if bias.shape[0] == 1 else H * Lq * Lk
+    kpm = _mask_bytes(key_padding_mask, q)
+    qpm = _mask_bytes(query_padding_mask, q)
+    return B, H, Lq, Lk, D, Bk, stride_kb, stride_bb, kpm, qpm
+
+
+def _forward_impl(q, k, v, bias, key_padding_mask, query_padding_mask, scale, need_colsum):
+    _check_device(q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    B, H, Lq, Lk, D, Bk, stride_kb, stride_bb, kpm, qpm = _common(
+        q, k, bias, key_padding_mask, query_padding_mask)
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    bm, bn, bd, warps, stages = _config(D, q.dtype)
+    prec = _precision(q.dtype)
+    qk_scale = float(scale) * _LOG2E
+    bias_arg = bias if bias is not None else q
+    with _device_guard(q.device):
+        _fwd_kernel[(triton.cdiv(Lq, bm) * B * H,)](
+            q, k, v, bias_arg, kpm, out, lse, H, Lq, Lk, D, stride_kb, stride_bb, qk_scale,
+            HAS_BIAS=bias is not None, HAS_KPM=key_padding_mask is not None, PREC=prec,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
+        )
+        if need_colsum:
+            colsum = torch.empty((B, H, Lk), dtype=torch.float32, device=q.device)
+            _colsum_kernel[(triton.cdiv(Lk, bn) * B * H,)](
+                q, k, bias_arg, kpm, qpm, lse, colsum, H, Lq, Lk, D, stride_kb, stride_bb,
+                qk_scale, HAS_BIAS=bias is not None, HAS_KPM=key_padding_mask is not None,
+                HAS_QPM=query_padding_mask is not None, PREC=prec, BLOCK_M=bm, BLOCK_N=bn,
+                BLOCK_D=bd, num_warps=warps, num_stages=stages,
+            )
+        else:
+            colsum = torch.empty((0,), dtype=torch.float32, device=q.device)
+    return out, lse, colsum
+
+
+def _backward_impl(grad_out, q, k, v, bias, key_padding_mask, query_padding_mask, out, lse,
+                   grad_colsum, scale, need_dbias):
+    _check_device(q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    grad_colsum = grad_colsum.contiguous() if grad_colsum is not None else None
+    B, H, Lq, Lk, D, Bk, stride_kb, stride_bb, kpm, qpm = _common(
+        q, k, bias, key_padding_mask, query_padding_mask)
+    dev = q.device
+    bm, bn, bd, warps, stages = _config(D, q.dtype, backward=True)
+    prec = _precision(q.dtype)
+    qk_scale = float(scale) * _LOG2E
+    has_g = grad_colsum is not None
+    has_bias = bias is not None
+    need_dbias = bool(need_dbias) and has_bias
+    has_kpm = key_padding_mask is not None
+    has_qpm = query_padding_mask is not None
+    bias_arg = bias if has_bias else q
+    g_arg = grad_colsum if has_g else lse
+
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
+    dq = torch.empty_like(q)
+    dv = torch.empty_like(v)
+    bank = Bk == 1 and B > 1
+    # a shared bank's dk: per batch element in float32, summed over b below (deterministic)
+    dk_buf = torch.empty((B, H, Lk, D), dtype=torch.float32, device=dev) if bank else torch.empty_like(k)
+    dbias_atomic = need_dbias and bias.shape[0] == 1 and B > 1
+    if need_dbias:
+        if dbias_atomic:
+            dbias = torch.zeros(bias.shape, dtype=torch.float32, device=dev)
+        else:
+            dbias = torch.empty_like(bias)
+    else:
+        dbias = torch.empty((0,), dtype=bias.dtype if has_bias else q.dtype, device=dev)
+
+    with _device_guard(dev):
+        _bwd_pre_kernel[(triton.cdiv(Lq, bm) * B * H,)](
+            grad_out, out, q, k, bias_arg, kpm, qpm, lse, g_arg, delta, H, Lq, Lk, D, stride_kb,
+            stride_bb, qk_scale, HAS_G=has_g, HAS_BIAS=has_bias, HAS_KPM=has_kpm,
+            HAS_QPM=has_qpm, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+            num_stages=stages,
+        )
+        _bwd_dkdv_kernel[(triton.cdiv(Lk, bn) * B * H,)](
+            q, k, v, bias_arg, kpm, qpm, grad_out, lse, delta, g_arg, dk_buf, dv, H, Lq, Lk, D,
+            stride_kb, stride_bb, qk_scale, float(scale), HAS_G=has_g, HAS_BIAS=has_bias,
+            HAS_KPM=has_kpm, HAS_QPM=has_qpm, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+            num_warps=warps, num_stages=stages,
+        )
+        _bwd_dq_kernel[(triton.cdiv(Lq, bm) * B * H,)](
+            q, k, v, bias_arg, kpm, qpm, grad_out, lse, delta, g_arg, dq,
+            dbias if need_dbias else q, H, Lq, Lk, D, stride_kb, stride_bb, qk_scale,
+            float(scale), HAS_G=has_g, HAS_BIAS=has_bias, HAS_KPM=has_kpm, HAS_QPM=has_qpm,
+            NEED_DBIAS=need_dbias, DBIAS_ATOMIC=dbias_atomic, PREC=prec, BLOCK_M=bm, BLOCK_N=bn,
+            BLOCK_D=bd, num_warps=warps, num_stages=stages,
+        )
+    dk = dk_buf.sum(0, keepdim=True).to(k.dtype) if bank else dk_buf
+    if dbias_atomic and bias.dtype != torch.float32:
+        dbias = dbias.to(bias.dtype)
+    return dq, dk, dv, dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom ops (functional: they return new tensors)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mmcl_fast::ska_forward_triton", mutates_args=())
+def ska_forward_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    key_padding_mask: Optional[torch.Tensor],
+    query_padding_mask: Optional[torch.Tensor],
+    scale: float,
+    need_colsum: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton implementation of mmcl_fast::ska_forward: (out, lse, colsum)."""
+    return _forward_impl(q, k, v, bias, key_padding_mask, query_padding_mask, scale, need_colsum)
+
+
+def _stat_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@ska_forward_triton.register_fake
+def _(q, k, v, bias, key_padding_mask, query_padding_mask, scale, need_colsum):
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    sd = _stat_dtype(q)
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((B, H, Lq), dtype=sd)
+    colsum = q.new_empty((B, H, Lk) if need_colsum else (0,), dtype=sd)
+    return out, lse, colsum
+
+
+@torch.library.custom_op("mmcl_fast::ska_backward_triton", mutates_args=())
+def ska_backward_triton(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    key_padding_mask: Optional[torch.Tensor],
+    query_padding_mask: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_colsum: Optional[torch.Tensor],
+    scale: float,
+    need_dbias: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton implementation of mmcl_fast::ska_backward: (dq, dk, dv, dbias)."""
+    return _backward_impl(grad_out, q, k, v, bias, key_padding_mask, query_padding_mask, out, lse,
+                          grad_colsum, scale, need_dbias)
+
+
+@ska_backward_triton.register_fake
+def _(grad_out, q, k, v, bias, key_padding_mask, query_padding_mask, out, lse, grad_colsum, scale,
+      need_dbias):
+    dq = q.new_empty(q.shape)
+    dk = k.new_empty(k.shape)
+    dv = v.new_empty(v.shape)
+    if need_dbias and bias is not None:
+        dbias = bias.new_empty(bias.shape)
+    else:
+        dbias = q.new_empty((0,), dtype=bias.dtype if bias is not None else q.dtype)
+    return dq, dk, dv, dbias
