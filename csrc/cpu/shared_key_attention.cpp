@@ -1,6 +1,6 @@
 // Op family B on the CPU: shared-key attention, flash-style, with the column sums of P
-// (DESIGN.md section 5.2; the kernel contract is the one of the ska_forward / ska_backward schemas
-// in ../mmcl_fast.cpp). Per (b, h), with k and bias read at batch 0 when they are broadcast:
+// (DESIGN.md section 5.2; the contract is that of the ska_forward / ska_backward schemas in
+// ../mmcl_fast.cpp). Per (b, h), with k and bias read at batch 0 when they are broadcast:
 //     S_ij = scale * q_i . k_j + bias_ij        (-inf where key j is padded)
 //     lse_i = log sum_j exp(S_ij);  P_ij = exp(S_ij - lse_i);  out_i = sum_j P_ij v_j
 //     colsum_j = sum_{i valid} P_ij
@@ -9,28 +9,31 @@
 //     Delta_i = dO_i . out_i + valid_i sum_j P_ij G_j
 //     dS_ij = P_ij (dO_i . v_j + valid_i G_j - Delta_i)
 //     dq = scale dS k,  dk = scale dS^T q,  dv = P^T dO,  dbias = dS
+// Accumulation is in the input's type (float or double), as are lse and colsum.
 //
-// Nothing of size Lq x Lk is allocated (except dbias, when asked for): a query block of BM rows
-// meets the keys in tiles of BN columns, and the scores of one such tile live in a per-thread
-// scratch. The forward keeps a running max and sum per row (online softmax) and rescales its
-// output accumulator when the max grows; the column sums need the final lse of each row, so they
-// take a second sweep over the key tiles, except when one tile holds every key (the common case
-// at MSPT lengths), where the tile's P divided by the row sum already is the final P.
+// Nothing of size Lq x Lk is allocated (dbias aside, when asked for): a block of BM queries meets
+// the keys in tiles of BN, and the scores of one tile live in a per-thread scratch. The forward
+// keeps a running max and sum per row (online softmax) and rescales its output accumulator when
+// the max grows; the column sums need the final lse of each row, so they take a second sweep over
+// the key tiles, except when one tile holds every key (the common case at MSPT lengths), where the
+// tile's exp(S - max) divided by the row sum already is P. The backward recomputes P tile by tile
+// (with G, a first sweep finds Delta). Keys after the last valid one of a batch element (right
+// padding) are skipped altogether: their P is 0.
 //
-// The tile products are small GEMMs done by one register-blocked micro-kernel: an MR x NR block
-// of C (NR = 16 floats or 8 doubles, two AVX2 registers) accumulated over k from a broadcast
-// A element times a contiguous row of B. Every operand is laid out so that its B side is
-// contiguous along the output columns: K and V are also kept transposed ([D][Lk], for S = q k^T
-// and dP = dO v^T), and rows of q, dO, k and v are zero-padded to a multiple of NR so that no
-// product needs a column remainder. The exp is a branch-free polynomial, so that the loops over a
-// row of a tile vectorise (libm's exp does not without -ffast-math).
+// The tile products are small GEMMs done by one register-blocked micro-kernel: a 6 x 16 (float;
+// 6 x 8 double) block of C in twelve AVX2 registers, accumulated over k from a broadcast element
+// of A times a contiguous row of B. Each operand is laid out so that B is contiguous along the
+// output columns: k and v are transposed per (b, h) ([D][Lk], for S = q k^T and dP = dO v^T), and
+// the rows of q, dO, k, v and of the gradients serve in place when D is a multiple of 16 (8 for
+// double), else are copied zero-padded to one. The exp is a branch-free polynomial, so that the
+// passes over a tile vectorise.
 //
-// Parallelism and determinism: the forward runs (b, h) pairs (or single query blocks, when there
-// are few pairs and no column sums) as independent work items; every value is computed by one
-// item in a fixed order. The backward runs one item per (b, h), which owns dq, dk, dv and dbias of
-// its pair; when k is a bank (Bk == 1) or dbias is asked for a broadcast bias (Bb == 1), the
-// batch-shared gradients are summed over b, so an item is one head instead, looping over b in
-// order. Either way the result does not depend on the number of threads.
+// Parallelism and determinism: the forward's work items are (b, h) pairs, or single query blocks
+// when there are few pairs and no column sums; each output value is computed by one item in a
+// fixed order. The backward's items are (b, h) pairs, each owning dq, dk, dv and dbias of its
+// pair; when k is a bank (Bk == 1) or dbias is asked for a broadcast bias (Bb == 1), those
+// gradients are sums over b, and an item is a head instead, looping over b in order. Results are
+// therefore the same from run to run and for any number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -46,6 +49,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 // Built once for x86-64-v3 (AVX2, FMA) and once generic; the loader picks the clone the CPU can
@@ -53,6 +57,9 @@
 #define MMCL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #define MMCL_INLINE inline __attribute__((always_inline))
 #define MMCL_NOINLINE __attribute__((noinline))
+// Every function that takes or returns a 256-bit vector is always inlined, so the note that such
+// arguments are passed differently with and without AVX concerns no real call.
+#pragma GCC diagnostic ignored "-Wpsabi"
 #else
 #define MMCL_CPU_CLONES
 #define MMCL_INLINE inline
@@ -65,13 +72,16 @@ namespace {
 // Columns of one micro-kernel block: two 256-bit registers.
 template <typename T>
 constexpr int64_t kNR = 64 / static_cast<int64_t>(sizeof(T));
-// Rows of one micro-kernel block: 4 x 2 accumulators hide the FMA latency (4 cycles, 2 per
-// cycle) and leave registers for the two B loads and the broadcast.
-constexpr int64_t kMR = 4;
+// Rows of one micro-kernel block: 6 x 2 accumulators hide the FMA latency (4 cycles, 2 per
+// cycle) and leave 4 of the 16 AVX2 registers for the two B loads and the broadcast.
+constexpr int64_t kMR = 6;
 // Query rows per block and keys per tile. A [BM][BN] float tile is 16 KiB; the backward holds two
 // of them (P and dS) next to [BM][D] blocks of q, dO and dq.
 constexpr int64_t kBM = 32;
 constexpr int64_t kBN = 128;
+// Row stride of a score tile: off a power of two, so that the rows of a tile that a micro-kernel
+// walks down (A = P^T) do not all fall into the same few L1 sets.
+constexpr int64_t kLdS = kBN + 16;
 
 MMCL_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -86,13 +96,11 @@ template <>
 struct Vec<float> {
   typedef float v __attribute__((vector_size(32), __may_alias__, aligned(4)));
   typedef int32_t vi __attribute__((vector_size(32), __may_alias__, aligned(4)));
-  typedef int32_t si;
 };
 template <>
 struct Vec<double> {
   typedef double v __attribute__((vector_size(32), __may_alias__, aligned(8)));
   typedef int64_t vi __attribute__((vector_size(32), __may_alias__, aligned(8)));
-  typedef int64_t si;
 };
 template <typename T>
 using vec_t = typename Vec<T>::v;
@@ -198,29 +206,53 @@ MMCL_INLINE void micro_kernel(int64_t K, const T* __restrict__ A, int64_t ars, i
 }
 
 // One panel of NR columns at a time (its K x NR slice of B stays in L1 while every row block of A
-// passes over it); rows in blocks of MR, then the remainder.
+// passes over it), rows in blocks of MR. A block of fewer than 4 rows has too few independent
+// accumulators to hide the FMA latency, so a remainder of 1 to 3 rows borrows from the last full
+// block: 7 = 3 + 4, 8 = 4 + 4, 9 = 5 + 4 rows.
 template <typename T, bool ACC>
 MMCL_CPU_CLONES MMCL_NOINLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars,
                                         int64_t aks, const T* B, int64_t ldb, T* C, int64_t ldc) {
   constexpr int64_t NR = kNR<T>;
   for (int64_t j = 0; j < N; j += NR) {
-    int64_t i = 0;
-    for (; i + kMR <= M; i += kMR)
-      micro_kernel<T, kMR, ACC>(K, A + i * ars, ars, aks, B + j, ldb, C + i * ldc + j, ldc);
-    switch (M - i) {
-      case 3:
-        micro_kernel<T, 3, ACC>(K, A + i * ars, ars, aks, B + j, ldb, C + i * ldc + j, ldc);
-        break;
-      case 2:
-        micro_kernel<T, 2, ACC>(K, A + i * ars, ars, aks, B + j, ldb, C + i * ldc + j, ldc);
-        break;
-      case 1:
-        micro_kernel<T, 1, ACC>(K, A + i * ars, ars, aks, B + j, ldb, C + i * ldc + j, ldc);
-        break;
-      default:
-        break;
+    for (int64_t i = 0; i < M;) {
+      const int64_t r = M - i;
+      const int64_t mr = (r >= 10 || r == kMR) ? kMR : (r > kMR ? r - 4 : r);
+      const T* a = A + i * ars;
+      T* c = C + i * ldc + j;
+      switch (mr) {
+        case 6:
+          micro_kernel<T, 6, ACC>(K, a, ars, aks, B + j, ldb, c, ldc);
+          break;
+        case 5:
+          micro_kernel<T, 5, ACC>(K, a, ars, aks, B + j, ldb, c, ldc);
+          break;
+        case 4:
+          micro_kernel<T, 4, ACC>(K, a, ars, aks, B + j, ldb, c, ldc);
+          break;
+        case 3:
+          micro_kernel<T, 3, ACC>(K, a, ars, aks, B + j, ldb, c, ldc);
+          break;
+        case 2:
+          micro_kernel<T, 2, ACC>(K, a, ars, aks, B + j, ldb, c, ldc);
+          break;
+        default:
+          micro_kernel<T, 1, ACC>(K, a, ars, aks, B + j, ldb, c, ldc);
+          break;
+      }
+      i += mr;
     }
   }
+}
+
+// C = A B (first = true) or C += A B: the first product into a block of C writes it, so that
+// outputs need no zero fill before they are accumulated into.
+template <typename T>
+MMCL_INLINE void gemm_into(bool first, int64_t M, int64_t N, int64_t K, const T* A, int64_t ars,
+                           int64_t aks, const T* B, int64_t ldb, T* C, int64_t ldc) {
+  if (first)
+    gemm<T, false>(M, N, K, A, ars, aks, B, ldb, C, ldc);
+  else
+    gemm<T, true>(M, N, K, A, ars, aks, B, ldb, C, ldc);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -264,12 +296,6 @@ MMCL_INLINE T row_exp_sum(T* __restrict__ s, int64_t n, T shift) {
   return hsum<T>(a0 + a1);
 }
 
-template <typename T>
-MMCL_INLINE void row_exp(T* __restrict__ s, int64_t n, T shift) {
-  constexpr int64_t W = kW<T>;
-  for (int64_t j = 0; j < n; j += W) vstore(s + j, vexp(vload(s + j) - shift));
-}
-
 // sum_j a_j b_j over n = a multiple of NR
 template <typename T>
 MMCL_INLINE T row_dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
@@ -284,21 +310,39 @@ MMCL_INLINE T row_dot(const T* __restrict__ a, const T* __restrict__ b, int64_t 
 }
 
 // ----------------------------------------------------------------------------------------------
-// Per-thread scratch: one 64-byte-aligned allocation carved into named tiles.
+// Per-thread scratch, carved into named tiles: one 64-byte-aligned buffer per thread, kept
+// between calls so that a call does not page-fault fresh memory in (up to kKeepBytes; a larger
+// one lives as long as the Scratch).
+constexpr size_t kKeepBytes = size_t(8) << 20;
+
+struct Buffer {
+  void* p = nullptr;
+  size_t bytes = 0;
+  void reserve(size_t n) {  // n: a multiple of 64
+    if (bytes >= n) return;
+    std::free(p);
+    p = std::aligned_alloc(64, n);
+    bytes = p == nullptr ? 0 : n;
+    TORCH_CHECK(p != nullptr, "mmcl_fast: ska: cannot allocate ", n, " bytes of scratch");
+  }
+  ~Buffer() { std::free(p); }
+};
+
 template <typename T>
 struct Scratch {
-  struct Free {
-    void operator()(T* p) const { std::free(p); }
-  };
-  std::unique_ptr<T, Free> mem;
-  int64_t used = 0, cap = 0;
-  explicit Scratch(int64_t elems) : cap(elems) {
-    const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(elems, 16), 16)) * sizeof(T);
-    mem.reset(static_cast<T*>(std::aligned_alloc(64, round_up(static_cast<int64_t>(bytes), 64))));
-    TORCH_CHECK(mem != nullptr, "mmcl_fast: ska: cannot allocate ", bytes, " bytes of scratch");
+  Buffer own;
+  T* base;
+  int64_t used = 0, cap;
+  int64_t kt_key = -1;  // forward: which keys kt holds (a bank's head, or a pair; -1: none)
+  explicit Scratch(int64_t elems) : cap(round_up(std::max<int64_t>(elems, 16), 16)) {
+    static thread_local Buffer kept;
+    const size_t bytes = static_cast<size_t>(cap) * sizeof(T);
+    Buffer& buf = bytes <= kKeepBytes ? kept : own;
+    buf.reserve(bytes);
+    base = static_cast<T*>(buf.p);
   }
   T* take(int64_t n) {
-    T* p = mem.get() + used;
+    T* p = base + used;
     used += round_up(n, 16);  // keeps every tile 64-byte aligned
     TORCH_INTERNAL_ASSERT(used <= cap);
     return p;
@@ -315,9 +359,10 @@ struct Problem {
   const bool* qpm;  // null: none
   int64_t B, H, Lq, Lk, D, Bk, Bb;
   T scale;
-  // padded sizes
-  int64_t Dp, Lkp;
-  int64_t nqb;  // query blocks per (b, h)
+  int64_t Dp;    // D rounded up to NR: the row length of every [L][D] operand of a product
+  int64_t Lkp;   // Lk rounded up to NR: the row length of transposed keys and values
+  int64_t nqb;   // query blocks per (b, h)
+  bool direct;   // D == Dp: rows of q, k, v, dO and the gradients serve as operands in place
 
   const T* k_of(int64_t b, int64_t h) const { return k + ((Bk == 1 ? 0 : b) * H + h) * Lk * D; }
   const T* v_of(int64_t b, int64_t h) const { return v + (b * H + h) * Lk * D; }
@@ -326,25 +371,82 @@ struct Problem {
   }
 };
 
+// In-register transpose of an 8 x 8 float block (the usual unpack / shuffle / lane-swap ladder).
+MMCL_INLINE void transpose8x8(const float* x, int64_t ldx, float* y, int64_t ldy) {
+  using V = vec_t<float>;
+  V r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = vload(x + i * ldx);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int i = 0; i < 4; ++i) {
+    vstore(y + i * ldy, __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11));
+    vstore(y + (i + 4) * ldy, __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+  }
+}
+
 // x [L][D] -> xt [D][ldt] (columns >= L zero)
 template <typename T>
 MMCL_INLINE void pack_transposed(const T* __restrict__ x, int64_t L, int64_t D, int64_t ldt,
                                  T* __restrict__ xt) {
+  int64_t j0 = 0;
+  if constexpr (std::is_same<T, float>::value) {
+    for (; j0 + 8 <= L; j0 += 8) {
+      int64_t d0 = 0;
+      for (; d0 + 8 <= D; d0 += 8) transpose8x8(x + j0 * D + d0, D, xt + d0 * ldt + j0, ldt);
+      for (int64_t d = d0; d < D; ++d)
+        for (int64_t j = j0; j < j0 + 8; ++j) xt[d * ldt + j] = x[j * D + d];
+    }
+  }
   for (int64_t d = 0; d < D; ++d) {
     T* row = xt + d * ldt;
-    for (int64_t j = 0; j < L; ++j) row[j] = x[j * D + d];
+    for (int64_t j = j0; j < L; ++j) row[j] = x[j * D + d];
     for (int64_t j = L; j < ldt; ++j) row[j] = T(0);
   }
 }
 
-// x [L][D] -> xp [L][Dp] scaled by s (columns >= D zero)
+// x [L][D] -> xp [L][Dp] (columns >= D zero)
 template <typename T>
-MMCL_INLINE void pack_rows(const T* __restrict__ x, int64_t L, int64_t D, int64_t Dp, T s,
+MMCL_INLINE void pack_rows(const T* __restrict__ x, int64_t L, int64_t D, int64_t Dp,
                            T* __restrict__ xp) {
   for (int64_t j = 0; j < L; ++j) {
-    for (int64_t d = 0; d < D; ++d) xp[j * Dp + d] = s * x[j * D + d];
+    std::memcpy(xp + j * Dp, x + j * D, sizeof(T) * D);
     for (int64_t d = D; d < Dp; ++d) xp[j * Dp + d] = T(0);
   }
+}
+
+// Rows [r0, r0 + n) of a [*][D] tensor as a [n][Dp] operand: in place when D == Dp, else packed.
+template <typename T>
+MMCL_INLINE const T* operand_rows(const Problem<T>& p, const T* x, int64_t n, T* buf) {
+  if (p.direct) return x;
+  pack_rows(x, n, p.D, p.Dp, buf);
+  return buf;
+}
+
+// acc [L][Dp] -> y [L][D] times s (in place when they are the same memory, D == Dp)
+template <typename T>
+MMCL_INLINE void store_rows(const T* acc, int64_t L, int64_t D, int64_t Dp, T s, T* y) {
+  for (int64_t j = 0; j < L; ++j)
+    for (int64_t d = 0; d < D; ++d) y[j * D + d] = s * acc[j * Dp + d];
+}
+
+// sum_e a_e b_e over any n
+template <typename T>
+MMCL_INLINE T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  constexpr int64_t W = kW<T>;
+  vec_t<T> acc{};
+  int64_t e = 0;
+  for (; e + W <= n; e += W) acc += vload(a + e) * vload(b + e);
+  T r = hsum<T>(acc);
+  for (; e < n; ++e) r += a[e] * b[e];
+  return r;
 }
 
 // Additive key mask of batch b: 0 for a valid key, -inf for a padded one and for the padding
@@ -357,25 +459,122 @@ MMCL_INLINE void fill_key_add(const Problem<T>& p, int64_t b, T* __restrict__ ka
   for (int64_t j = p.Lk; j < p.Lkp; ++j) kadd[j] = ninf;
 }
 
-// S tile of rows [i0, i0 + mq) and keys [j0, j0 + nkp): scale q k^T (scale is in qs) + bias +
-// key mask. qs [mq][ldq], kt [D][Lkp].
+// Keys after the last valid one of batch b (right padding) take no part at all: their P is 0, so
+// the key tiles stop there. Returns that count (0 when every key is padded).
 template <typename T>
-MMCL_INLINE void score_tile(const Problem<T>& p, const T* qs, int64_t ldq, const T* kt,
-                            const T* bias_bh, const T* kadd, int64_t i0, int64_t mq, int64_t j0,
-                            int64_t nk, int64_t nkp, T* s) {
-  gemm<T, false>(mq, nkp, p.D, qs, ldq, 1, kt + j0, p.Lkp, s, kBN);
-  for (int64_t i = 0; i < mq; ++i) {
-    T* __restrict__ row = s + i * kBN;
-    const T* __restrict__ ka = kadd + j0;
-    if (bias_bh != nullptr) {
-      const T* __restrict__ br = bias_bh + (i0 + i) * p.Lk + j0;
-      for (int64_t j = 0; j < nk; ++j) row[j] += br[j] + ka[j];
-    } else {
-      for (int64_t j = 0; j < nk; ++j) row[j] += ka[j];
-    }
-    for (int64_t j = nk; j < nkp; ++j) row[j] = ka[j];  // -inf
-  }
+MMCL_INLINE int64_t active_keys(const Problem<T>& p, int64_t b) {
+  if (p.kpm == nullptr) return p.Lk;
+  const bool* m = p.kpm + b * p.Lk;
+  int64_t n = p.Lk;
+  while (n > 0 && m[n - 1]) --n;
+  return n;
 }
+
+// Epilogue of the score product (store(i, j, ...) gets columns [j, j + NR) of row i of the tile):
+// S = scale q.k + key mask + bias (bias only over the nk real
+// columns of the tile; the padding columns get -inf from the mask), and with EXP the
+// probabilities P = exp(S - lse_i) instead.
+template <typename T, bool EXP>
+struct ScoreEpi {
+  T scale;
+  const T* kadd;   // at the tile's first column
+  const T* bias;   // at the tile's first row and column, rows ldbias apart; null: none
+  int64_t ldbias;
+  int64_t nk;
+  const T* shift;  // EXP: lse of the tile's rows
+  MMCL_INLINE void store(int64_t i, int64_t j, vec_t<T> c0, vec_t<T> c1, T* c) const {
+    using V = vec_t<T>;
+    constexpr int64_t W = kW<T>, NR = kNR<T>;
+    V s0 = scale * c0 + vload(kadd + j), s1 = scale * c1 + vload(kadd + j + W);
+    if (bias != nullptr) {
+      const T* br = bias + i * ldbias + j;
+      if (j + NR <= nk) {
+        s0 += vload(br);
+        s1 += vload(br + W);
+      } else {  // the last, partial panel: the bias row ends at nk
+        T t[NR];
+        for (int64_t l = 0; l < NR; ++l) t[l] = j + l < nk ? br[l] : T(0);
+        s0 += vload(t);
+        s1 += vload(t + W);
+      }
+    }
+    if (EXP) {
+      s0 = vexp(s0 - shift[i]);
+      s1 = vexp(s1 - shift[i]);
+    }
+    vstore(c, s0);
+    vstore(c + W, s1);
+  }
+};
+
+// One pass of an epilogue over a tile of M rows and N (a multiple of NR) columns, in place. (Run
+// inside the GEMM's micro-kernel instead, it would save a pass but leave the hot loop short of
+// registers: GCC then spills accumulators.)
+template <typename T, typename Epi>
+MMCL_INLINE void apply_epi(const Epi& epi, T* c, int64_t ldc, int64_t M, int64_t N) {
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; j += kNR<T>) {
+      T* x = c + i * ldc + j;
+      epi.store(i, j, vload(x), vload(x + kW<T>), x);
+    }
+}
+
+// S (shift = null) or P (shift = lse of the rows) tile of query rows [i0, i0 + mq) and keys
+// [j0, j0 + nkp). qa [mq][ldq], kt [D][Lkp]; rows of s are kLdS apart.
+template <typename T>
+MMCL_INLINE void score_tile(const Problem<T>& p, const T* qa, int64_t ldq, const T* kt,
+                            const T* bias_bh, const T* kadd, int64_t i0, int64_t mq, int64_t j0,
+                            int64_t nk, int64_t nkp, const T* shift, T* s) {
+  gemm<T, false>(mq, nkp, p.D, qa, ldq, 1, kt + j0, p.Lkp, s, kLdS);
+  const T* bias = bias_bh == nullptr ? nullptr : bias_bh + i0 * p.Lk + j0;
+  if (shift == nullptr)
+    apply_epi(ScoreEpi<T, false>{p.scale, kadd + j0, bias, p.Lk, nk, nullptr}, s, kLdS, mq, nkp);
+  else
+    apply_epi(ScoreEpi<T, true>{p.scale, kadd + j0, bias, p.Lk, nk, shift}, s, kLdS, mq, nkp);
+}
+
+// Epilogue of the dP = dO v^T product: dS = P (dP + valid G - Delta), stored in place of dP and,
+// over the tile's nk real columns, written or added to dbias.
+template <typename T>
+struct DsEpi {
+  const T* P;      // the tile's probabilities, rows kLdS apart
+  const T* delta;  // Delta of the tile's rows
+  const T* valid;  // valid of the tile's rows
+  const T* g;      // G at the tile's first column; null: none
+  T* dbias;        // at the tile's first row and column, rows ldbias apart; null: none
+  int64_t ldbias;
+  int64_t nk;
+  bool first;      // write dbias (else add to it)
+  MMCL_INLINE void store(int64_t i, int64_t j, vec_t<T> c0, vec_t<T> c1, T* c) const {
+    using V = vec_t<T>;
+    constexpr int64_t W = kW<T>, NR = kNR<T>;
+    const T di = delta[i];
+    V t0 = c0 - di, t1 = c1 - di;
+    if (g != nullptr && valid[i] != T(0)) {
+      t0 += vload(g + j);
+      t1 += vload(g + j + W);
+    }
+    const V d0 = vload(P + i * kLdS + j) * t0, d1 = vload(P + i * kLdS + j + W) * t1;
+    vstore(c, d0);
+    vstore(c + W, d1);
+    if (dbias == nullptr) return;
+    T* db = dbias + i * ldbias + j;
+    if (j + NR <= nk) {
+      if (first) {
+        vstore(db, d0);
+        vstore(db + W, d1);
+      } else {
+        vstore(db, vload(db) + d0);
+        vstore(db + W, vload(db + W) + d1);
+      }
+    } else {  // the last, partial panel: the dbias row ends at nk
+      T t[NR];
+      vstore(t, d0);
+      vstore(t + W, d1);
+      for (int64_t l = 0; l < nk - j; ++l) db[l] = first ? t[l] : db[l] + t[l];
+    }
+  }
+};
 
 // ----------------------------------------------------------------------------------------------
 // Forward
@@ -390,8 +589,7 @@ struct FwdOut {
 template <typename T>
 int64_t fwd_scratch_elems(const Problem<T>& p) {
   return round_up(p.D * p.Lkp, 16) + round_up(p.Lk * p.Dp, 16) + round_up(p.Lkp, 16) * 2 +
-         round_up(kBM * p.D, 16) + round_up(kBM * kBN, 16) + round_up(kBM * p.Dp, 16) +
-         round_up(kBM, 16) * 3;
+         round_up(kBM * p.Dp, 16) + round_up(kBM * kLdS, 16) + round_up(kBM, 16) * 3;
 }
 
 // Query blocks [qb_lo, qb_hi) of pair (b, h).
@@ -404,82 +602,91 @@ MMCL_CPU_CLONES void fwd_item(const Problem<T>& p, const FwdOut<T>& o, int64_t b
   const T pinf = std::numeric_limits<T>::infinity();
   sc.used = 0;
   T* kt = sc.take(D * Lkp);
-  T* vp = sc.take(Lk * Dp);
+  T* vbuf = sc.take(Lk * Dp);
   T* kadd = sc.take(Lkp);
   T* cs = sc.take(Lkp);
-  T* qs = sc.take(kBM * D);
-  T* s = sc.take(kBM * kBN);
-  T* acc = sc.take(kBM * Dp);
+  T* accbuf = sc.take(kBM * Dp);
+  T* s = sc.take(kBM * kLdS);
   T* m = sc.take(kBM);
   T* l = sc.take(kBM);
   T* w = sc.take(kBM);
 
-  pack_transposed(p.k_of(b, h), Lk, D, Lkp, kt);
-  pack_rows(p.v_of(b, h), Lk, D, Dp, T(1), vp);
+  // the transposed keys stay for the next items with the same keys (items run head-major: a
+  // bank's head, or the query blocks of one pair)
+  const int64_t kt_key = p.Bk == 1 ? h : p.H + bh;
+  if (sc.kt_key != kt_key) {
+    pack_transposed(p.k_of(b, h), Lk, D, Lkp, kt);
+    sc.kt_key = kt_key;
+  }
+  const T* vb = operand_rows(p, p.v_of(b, h), Lk, vbuf);
   fill_key_add(p, b, kadd);
   const T* bias_bh = p.bias_of(b, h);
   const bool* qpm = p.qpm == nullptr ? nullptr : p.qpm + b * Lq;
   const bool colsum = o.colsum != nullptr;
   if (colsum) std::fill(cs, cs + Lkp, T(0));
-  const int64_t nkt = (Lk + kBN - 1) / kBN;
+  const int64_t Lke = active_keys(p, b), nkt = (Lke + kBN - 1) / kBN;
 
   for (int64_t qb = qb_lo; qb < qb_hi; ++qb) {
     const int64_t i0 = qb * kBM, mq = std::min(kBM, Lq - i0);
-    pack_rows(p.q + (bh * Lq + i0) * D, mq, D, D, p.scale, qs);
-    std::fill(acc, acc + mq * Dp, T(0));
+    const T* qa = p.q + (bh * Lq + i0) * D;  // A operand: no padding needed
+    T* out = o.out + (bh * Lq + i0) * D;
+    T* acc = p.direct ? out : accbuf;  // [mq][Dp]
+    if (nkt == 0) std::fill(acc, acc + mq * Dp, T(0));
     for (int64_t i = 0; i < mq; ++i) {
       m[i] = ninf;
       l[i] = T(0);
     }
     for (int64_t t = 0; t < nkt; ++t) {
-      const int64_t j0 = t * kBN, nk = std::min(kBN, Lk - j0), nkp = round_up(nk, kNR<T>);
-      score_tile(p, qs, D, kt, bias_bh, kadd, i0, mq, j0, nk, nkp, s);
+      const int64_t j0 = t * kBN, nk = std::min(kBN, Lke - j0), nkp = round_up(nk, kNR<T>);
+      score_tile<T>(p, qa, D, kt, bias_bh, kadd, i0, mq, j0, nk, nkp, nullptr, s);
       // online softmax: rescale what was accumulated when the running max grows
       for (int64_t i = 0; i < mq; ++i) {
-        T* row = s + i * kBN;
+        T* row = s + i * kLdS;
         const T mt = row_max(row, nkp);
         const T mnew = mt > m[i] ? mt : m[i];
         const T shift = mnew == ninf ? T(0) : mnew;  // empty so far: exp(-inf - 0) = 0
-        const T alpha = std::exp(m[i] - shift);       // 0 on the first tile (m = -inf)
-        l[i] = l[i] * alpha + row_exp_sum(row, nkp, shift);
-        m[i] = mnew;
-        if (t > 0 && alpha != T(1)) {
-          T* __restrict__ a = acc + i * Dp;
-          for (int64_t d = 0; d < Dp; ++d) a[d] *= alpha;
+        const T rowsum = row_exp_sum(row, nkp, shift);
+        if (t > 0) {
+          const T alpha = std::exp(m[i] - shift);  // m = -inf: 0
+          l[i] = l[i] * alpha + rowsum;
+          if (alpha != T(1)) {
+            T* __restrict__ a = acc + i * Dp;
+            for (int64_t d = 0; d < Dp; ++d) a[d] *= alpha;
+          }
+        } else {
+          l[i] = rowsum;
         }
+        m[i] = mnew;
       }
-      gemm<T, true>(mq, Dp, nk, s, kBN, 1, vp + j0 * Dp, Dp, acc, Dp);
+      gemm_into(t == 0, mq, Dp, nk, s, kLdS, 1, vb + j0 * Dp, Dp, acc, Dp);
     }
-    T* out = o.out + (bh * Lq + i0) * D;
     T* lse = o.lse + bh * Lq + i0;
     for (int64_t i = 0; i < mq; ++i) {
       const bool empty = !(l[i] > T(0));
       const T inv = empty ? T(0) : T(1) / l[i];
       lse[i] = empty ? pinf : m[i] + std::log(l[i]);
-      const T* __restrict__ a = acc + i * Dp;
-      T* __restrict__ orow = out + i * D;
-      for (int64_t d = 0; d < D; ++d) orow[d] = a[d] * inv;
+      store_rows(acc + i * Dp, 1, D, Dp, inv, out + i * D);
       // column-sum weight: valid_i / l_i with the single-tile shortcut, valid_i otherwise
       const T valid = (qpm != nullptr && qpm[i0 + i]) ? T(0) : T(1);
       w[i] = empty ? T(0) : (nkt == 1 ? valid * inv : valid);
     }
     if (!colsum) continue;
     if (nkt == 1) {
-      // s still holds exp(S - m) for the only tile: P = that / l
+      // s still holds exp(S - m) of the only tile: P = that / l
+      const int64_t nkp = round_up(Lke, kNR<T>);
       for (int64_t i = 0; i < mq; ++i) {
         if (w[i] == T(0)) continue;
         const T wi = w[i];
-        const T* __restrict__ row = s + i * kBN;
-        for (int64_t j = 0; j < Lkp; ++j) cs[j] += wi * row[j];
+        const T* __restrict__ row = s + i * kLdS;
+        for (int64_t j = 0; j < nkp; ++j) cs[j] += wi * row[j];
       }
     } else {
       for (int64_t t = 0; t < nkt; ++t) {
-        const int64_t j0 = t * kBN, nk = std::min(kBN, Lk - j0), nkp = round_up(nk, kNR<T>);
-        score_tile(p, qs, D, kt, bias_bh, kadd, i0, mq, j0, nk, nkp, s);
+        const int64_t j0 = t * kBN, nk = std::min(kBN, Lke - j0), nkp = round_up(nk, kNR<T>);
+        score_tile(p, qa, D, kt, bias_bh, kadd, i0, mq, j0, nk, nkp, lse, s);
         for (int64_t i = 0; i < mq; ++i) {
           if (w[i] == T(0)) continue;
-          T* __restrict__ row = s + i * kBN;
-          row_exp(row, nkp, lse[i]);
+          const T* __restrict__ row = s + i * kLdS;
           T* __restrict__ c = cs + j0;
           for (int64_t j = 0; j < nkp; ++j) c[j] += row[j];
         }
@@ -507,100 +714,89 @@ struct BwdIO {
 template <typename T>
 int64_t bwd_scratch_elems(const Problem<T>& p) {
   return round_up(p.D * p.Lkp, 16) * 2 + round_up(p.Lk * p.Dp, 16) * 3 + round_up(p.Lkp, 16) * 2 +
-         round_up(kBM * p.Dp, 16) * 3 + round_up(kBM * kBN, 16) * 2 + round_up(kBM, 16) * 2;
+         round_up(kBM * p.Dp, 16) * 3 + round_up(kBM * kLdS, 16) * 2 + round_up(kBM, 16) * 2;
 }
 
-// The gradients of pair (b, h). dk_acc ([Lk][Dp]) is the caller's: for a key bank it keeps
-// summing over b. dbias rows are written (first = true) or added to.
+template <typename T>
+struct BwdBufs {
+  T *kt, *vt, *kbuf, *dkbuf, *dvbuf, *kadd, *g, *qbuf, *dobuf, *dqbuf, *ps, *ds, *delta, *valid;
+};
+
+// The gradients of pair (b, h): dq and dv written, dbias rows and dk_acc ([Lk][Dp], unscaled)
+// written (dbias_first, dk_first) or added to (for a key bank dk keeps summing over b). kt and kb hold
+// this pair's keys (transposed, and as [Lk][Dp] rows).
 template <typename T>
 MMCL_CPU_CLONES void bwd_pair(const Problem<T>& p, const BwdIO<T>& io, int64_t b, int64_t h,
-                              bool pack_k, bool dbias_first, T* kt, T* kp, T* vt, T* dk_acc,
-                              T* dv_acc, T* kadd, T* g, T* qs, T* dop, T* dq_acc, T* ps, T* ds,
-                              T* delta, T* valid) {
+                              const T* kb, bool dbias_first, bool dk_first, T* dk_acc,
+                              const BwdBufs<T>& s) {
   const int64_t D = p.D, Dp = p.Dp, Lk = p.Lk, Lkp = p.Lkp, Lq = p.Lq;
   const int64_t bh = b * p.H + h;
-  if (pack_k) {
-    const T* k = p.k_of(b, h);
-    pack_transposed(k, Lk, D, Lkp, kt);
-    pack_rows(k, Lk, D, Dp, T(1), kp);
+  const int64_t Lke = active_keys(p, b), nkt = (Lke + kBN - 1) / kBN;
+  pack_transposed(p.v_of(b, h), Lke, D, Lkp, s.vt);
+  fill_key_add(p, b, s.kadd);
+  const bool has_g = io.gcol != nullptr;
+  if (has_g) {
+    std::copy(io.gcol + bh * Lk, io.gcol + (bh + 1) * Lk, s.g);
+    std::fill(s.g + Lk, s.g + Lkp, T(0));
   }
-  pack_transposed(p.v_of(b, h), Lk, D, Lkp, vt);
-  fill_key_add(p, b, kadd);
-  if (io.gcol != nullptr) {
-    std::copy(io.gcol + bh * Lk, io.gcol + (bh + 1) * Lk, g);
-    std::fill(g + Lk, g + Lkp, T(0));
-  }
-  std::fill(dv_acc, dv_acc + Lk * Dp, T(0));
+  T* dv = io.dv + bh * Lk * D;
+  T* dv_acc = p.direct ? dv : s.dvbuf;
+  // rows of the trimmed keys get no product
+  std::fill(dv_acc + Lke * Dp, dv_acc + Lk * Dp, T(0));
+  if (dk_first) std::fill(dk_acc + Lke * Dp, dk_acc + Lk * Dp, T(0));
   const T* bias_bh = p.bias_of(b, h);
-  T* dbias_bh = io.dbias == nullptr ? nullptr : io.dbias + ((p.Bb == 1 ? 0 : b) * p.H + h) * Lq * Lk;
+  T* dbias_bh =
+      io.dbias == nullptr ? nullptr : io.dbias + ((p.Bb == 1 ? 0 : b) * p.H + h) * Lq * Lk;
   const bool* qpm = p.qpm == nullptr ? nullptr : p.qpm + b * Lq;
-  const int64_t nkt = (Lk + kBN - 1) / kBN;
+  T* delta = s.delta;
+  T* valid = s.valid;
 
   for (int64_t qb = 0; qb < p.nqb; ++qb) {
     const int64_t i0 = qb * kBM, mq = std::min(kBM, Lq - i0);
-    pack_rows(p.q + (bh * Lq + i0) * D, mq, D, Dp, p.scale, qs);
-    pack_rows(io.dout + (bh * Lq + i0) * D, mq, D, Dp, T(1), dop);
-    std::fill(dq_acc, dq_acc + mq * Dp, T(0));
+    const T* qa = operand_rows(p, p.q + (bh * Lq + i0) * D, mq, s.qbuf);        // [mq][Dp]
+    const T* doa = operand_rows(p, io.dout + (bh * Lq + i0) * D, mq, s.dobuf);  // [mq][Dp]
+    T* dq = io.dq + (bh * Lq + i0) * D;
+    T* dq_acc = p.direct ? dq : s.dqbuf;
+    if (nkt == 0) std::fill(dq_acc, dq_acc + mq * Dp, T(0));
     const T* lse = io.lse + bh * Lq + i0;
     for (int64_t i = 0; i < mq; ++i) {
-      const T* __restrict__ o = io.out + (bh * Lq + i0 + i) * D;
-      const T* __restrict__ d = dop + i * Dp;
-      T dot = T(0);
-      for (int64_t e = 0; e < D; ++e) dot += d[e] * o[e];
-      delta[i] = dot;
+      delta[i] = dot(doa + i * Dp, io.out + (bh * Lq + i0 + i) * D, D);
       valid[i] = (qpm != nullptr && qpm[i0 + i]) ? T(0) : T(1);
     }
-    if (io.gcol != nullptr) {
+    if (has_g) {
       // Delta_i += valid_i sum_j P_ij G_j: one more sweep over the keys
       for (int64_t t = 0; t < nkt; ++t) {
-        const int64_t j0 = t * kBN, nk = std::min(kBN, Lk - j0), nkp = round_up(nk, kNR<T>);
-        score_tile(p, qs, Dp, kt, bias_bh, kadd, i0, mq, j0, nk, nkp, ps);
+        const int64_t j0 = t * kBN, nk = std::min(kBN, Lke - j0), nkp = round_up(nk, kNR<T>);
+        score_tile(p, qa, Dp, s.kt, bias_bh, s.kadd, i0, mq, j0, nk, nkp, lse, s.ps);
         for (int64_t i = 0; i < mq; ++i) {
           if (valid[i] == T(0)) continue;
-          T* __restrict__ row = ps + i * kBN;
-          const T* __restrict__ gg = g + j0;
-          row_exp(row, nkp, lse[i]);
-          delta[i] += row_dot(row, gg, nkp);
+          delta[i] += row_dot(s.ps + i * kLdS, s.g + j0, nkp);
         }
       }
     }
     for (int64_t t = 0; t < nkt; ++t) {
-      const int64_t j0 = t * kBN, nk = std::min(kBN, Lk - j0), nkp = round_up(nk, kNR<T>);
-      score_tile(p, qs, Dp, kt, bias_bh, kadd, i0, mq, j0, nk, nkp, ps);
-      for (int64_t i = 0; i < mq; ++i) row_exp(ps + i * kBN, nkp, lse[i]);
-      // dP = dO v^T into ds, then dS = P (dP + valid G - Delta) in place
-      gemm<T, false>(mq, nkp, D, dop, Dp, 1, vt + j0, Lkp, ds, kBN);
-      for (int64_t i = 0; i < mq; ++i) {
-        const T* __restrict__ prow = ps + i * kBN;
-        T* __restrict__ drow = ds + i * kBN;
-        const T di = delta[i];
-        if (io.gcol != nullptr && valid[i] != T(0)) {
-          const T* __restrict__ gg = g + j0;
-          for (int64_t j = 0; j < nkp; ++j) drow[j] = prow[j] * (drow[j] + gg[j] - di);
-        } else {
-          for (int64_t j = 0; j < nkp; ++j) drow[j] = prow[j] * (drow[j] - di);
-        }
-        if (dbias_bh != nullptr) {
-          T* __restrict__ db = dbias_bh + (i0 + i) * Lk + j0;
-          if (dbias_first) {
-            for (int64_t j = 0; j < nk; ++j) db[j] = drow[j];
-          } else {
-            for (int64_t j = 0; j < nk; ++j) db[j] += drow[j];
-          }
-        }
-      }
-      // dv[j] += sum_i P_ij dO_i ; dk[j] += sum_i dS_ij (scale q_i) ; dq_i += sum_j dS_ij k_j
-      gemm<T, true>(nk, Dp, mq, ps, 1, kBN, dop, Dp, dv_acc + j0 * Dp, Dp);
-      gemm<T, true>(nk, Dp, mq, ds, 1, kBN, qs, Dp, dk_acc + j0 * Dp, Dp);
-      gemm<T, true>(mq, Dp, nk, ds, kBN, 1, kp + j0 * Dp, Dp, dq_acc, Dp);
+      const int64_t j0 = t * kBN, nk = std::min(kBN, Lke - j0), nkp = round_up(nk, kNR<T>);
+      T* ps = s.ps;
+      T* ds = s.ds;
+      // (with one key tile, the sweep for G left this tile's P in ps)
+      if (!(has_g && nkt == 1)) score_tile(p, qa, Dp, s.kt, bias_bh, s.kadd, i0, mq, j0, nk, nkp, lse, ps);
+      // dP = dO v^T, turned into dS (and dbias) in place
+      gemm<T, false>(mq, nkp, D, doa, Dp, 1, s.vt + j0, Lkp, ds, kLdS);
+      apply_epi(DsEpi<T>{ps, delta, valid, has_g ? s.g + j0 : nullptr,
+                         dbias_bh == nullptr ? nullptr : dbias_bh + i0 * Lk + j0, Lk, nk,
+                         dbias_first},
+                ds, kLdS, mq, nkp);
+      // dv[j] += sum_i P_ij dO_i ; dk[j] += sum_i dS_ij q_i ; dq_i += sum_j dS_ij k_j
+      gemm_into(qb == 0, nk, Dp, mq, ps, 1, kLdS, doa, Dp, dv_acc + j0 * Dp, Dp);
+      gemm_into(qb == 0 && dk_first, nk, Dp, mq, ds, 1, kLdS, qa, Dp, dk_acc + j0 * Dp, Dp);
+      gemm_into(t == 0, mq, Dp, nk, ds, kLdS, 1, kb + j0 * Dp, Dp, dq_acc, Dp);
     }
-    T* dq = io.dq + (bh * Lq + i0) * D;
-    for (int64_t i = 0; i < mq; ++i)
-      for (int64_t d = 0; d < D; ++d) dq[i * D + d] = p.scale * dq_acc[i * Dp + d];
+    store_rows(dq_acc, mq, D, Dp, p.scale, dq);
+    if (dbias_bh != nullptr && dbias_first && Lke < Lk)
+      for (int64_t i = 0; i < mq; ++i)
+        std::fill(dbias_bh + (i0 + i) * Lk + Lke, dbias_bh + (i0 + i + 1) * Lk, T(0));
   }
-  T* dv = io.dv + bh * Lk * D;
-  for (int64_t j = 0; j < Lk; ++j)
-    for (int64_t d = 0; d < D; ++d) dv[j * D + d] = dv_acc[j * Dp + d];
+  if (!p.direct) store_rows(dv_acc, Lk, D, Dp, T(1), dv);
 }
 
 // One work item of the backward: pair (b, h), or head h for every b in order (shared = true).
@@ -608,39 +804,35 @@ template <typename T>
 void bwd_item(const Problem<T>& p, const BwdIO<T>& io, int64_t item, bool shared, Scratch<T>& sc) {
   const int64_t D = p.D, Dp = p.Dp, Lk = p.Lk, Lkp = p.Lkp;
   sc.used = 0;
-  T* kt = sc.take(D * Lkp);
-  T* vt = sc.take(D * Lkp);
-  T* kp = sc.take(Lk * Dp);
-  T* dk_acc = sc.take(Lk * Dp);
-  T* dv_acc = sc.take(Lk * Dp);
-  T* kadd = sc.take(Lkp);
-  T* g = sc.take(Lkp);
-  T* qs = sc.take(kBM * Dp);
-  T* dop = sc.take(kBM * Dp);
-  T* dq_acc = sc.take(kBM * Dp);
-  T* ps = sc.take(kBM * kBN);
-  T* ds = sc.take(kBM * kBN);
-  T* delta = sc.take(kBM);
-  T* valid = sc.take(kBM);
+  BwdBufs<T> s;
+  s.kt = sc.take(D * Lkp);
+  s.vt = sc.take(D * Lkp);
+  s.kbuf = sc.take(Lk * Dp);
+  s.dkbuf = sc.take(Lk * Dp);
+  s.dvbuf = sc.take(Lk * Dp);
+  s.kadd = sc.take(Lkp);
+  s.g = sc.take(Lkp);
+  s.qbuf = sc.take(kBM * Dp);
+  s.dobuf = sc.take(kBM * Dp);
+  s.dqbuf = sc.take(kBM * Dp);
+  s.ps = sc.take(kBM * kLdS);
+  s.ds = sc.take(kBM * kLdS);
+  s.delta = sc.take(kBM);
+  s.valid = sc.take(kBM);
   const int64_t b_lo = shared ? 0 : item / p.H, b_hi = shared ? p.B : b_lo + 1;
   const int64_t h = item % p.H;
-  std::fill(dk_acc, dk_acc + Lk * Dp, T(0));
+  const T* kb = nullptr;
+  T* dk_acc = nullptr;
   for (int64_t b = b_lo; b < b_hi; ++b) {
-    // a bank's k is packed once per head; per-batch k (shared only for dbias) every b
-    const bool pack_k = b == b_lo || p.Bk != 1;
-    if (p.Bk != 1 && b != b_lo) std::fill(dk_acc, dk_acc + Lk * Dp, T(0));
-    bwd_pair(p, io, b, h, pack_k, b == b_lo || p.Bb != 1, kt, kp, vt, dk_acc, dv_acc, kadd, g, qs,
-             dop, dq_acc, ps, ds, delta, valid);
-    if (p.Bk != 1) {
-      T* dk = io.dk + (b * p.H + h) * Lk * D;
-      for (int64_t j = 0; j < Lk; ++j)
-        for (int64_t d = 0; d < D; ++d) dk[j * D + d] = dk_acc[j * Dp + d];
+    // a bank's keys are packed once per head and its dk sums over b; per-batch k every b
+    T* dk = io.dk + ((p.Bk == 1 ? 0 : b) * p.H + h) * Lk * D;
+    if (b == b_lo || p.Bk != 1) {
+      pack_transposed(p.k_of(b, h), Lk, D, Lkp, s.kt);
+      kb = operand_rows(p, p.k_of(b, h), Lk, s.kbuf);
+      dk_acc = p.direct ? dk : s.dkbuf;
     }
-  }
-  if (p.Bk == 1) {
-    T* dk = io.dk + h * Lk * D;
-    for (int64_t j = 0; j < Lk; ++j)
-      for (int64_t d = 0; d < D; ++d) dk[j * D + d] = dk_acc[j * Dp + d];
+    bwd_pair(p, io, b, h, kb, b == b_lo || p.Bb != 1, b == b_lo || p.Bk != 1, dk_acc, s);
+    if (p.Bk != 1 || b == b_hi - 1) store_rows(dk_acc, Lk, D, Dp, p.scale, dk);
   }
 }
 
@@ -728,7 +920,10 @@ Problem<T> make_problem(const Dims& d, const at::Tensor& q, const at::Tensor& k,
   p.scale = static_cast<T>(scale);
   p.Dp = round_up(d.D, kNR<T>);
   p.Lkp = round_up(d.Lk, kNR<T>);
+  // transposed keys and values are walked down their D rows: keep that stride off powers of two
+  if (p.Lkp * static_cast<int64_t>(sizeof(T)) % 512 == 0) p.Lkp += kNR<T>;
   p.nqb = (d.Lq + kBM - 1) / kBM;
+  p.direct = p.Dp == d.D;
   return p;
 }
 
@@ -756,9 +951,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ska_forward_cpu(
     at::parallel_for(0, items, 1, [&](int64_t lo, int64_t hi) {
       Scratch<T> sc(elems);
       for (int64_t it = lo; it < hi; ++it) {
-        const int64_t bh = split ? it / p.nqb : it;
+        // pairs head-major, so that consecutive items of one thread share a bank's keys
+        const int64_t pair = split ? it / p.nqb : it;
         const int64_t qb_lo = split ? it % p.nqb : 0, qb_hi = split ? qb_lo + 1 : p.nqb;
-        fwd_item<T>(p, o, bh / d.H, bh % d.H, qb_lo, qb_hi, sc);
+        fwd_item<T>(p, o, pair % d.B, pair / d.B, qb_lo, qb_hi, sc);
       }
     });
   });
