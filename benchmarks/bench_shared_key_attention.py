@@ -9,6 +9,7 @@ One group per shape, B-<B>x<L> (H 12, D 64; a key bank [H, L, D] shared by the b
   ours[backend]        shared_key_attention_distill on each of our backends present
 Each records `peak_mb`: on a GPU torch.cuda.max_memory_allocated over one step beyond the inputs;
 on the CPU the peak resident memory of one step in a fresh process beyond that before the step
+(its high-water mark reset first)
 (MMCL_FAST_BENCH_MEMORY=0 skips it).
 
     pytest benchmarks/bench_shared_key_attention.py --benchmark-only --benchmark-json=out.json
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 import mmcl_fast
 from mmcl_fast.ops import shared_key_attention_distill
 
-from conftest import present_backends, run_bench, small
+from conftest import cpu_step_peak_mb, present_backends, run_bench, small
 
 ska = importlib.import_module("mmcl_fast.ops.shared_key_attention")
 
@@ -138,18 +139,12 @@ def test_attention_distill_fwd_bwd(benchmark, device, name, B, L):
 
 
 def _measure_rss(name, B, L):
-    """One step in this fresh process: the peak resident memory beyond that before the step."""
-    import resource
-
+    """One step in this fresh process: its peak resident memory beyond that before it."""
     t = make(B, L, torch.device("cpu"))
     fn = COMPETITORS.get(name) or ours(name)
     if name == "compiled_reference":
         step(fn, t)  # compile first: its own memory is not the step's
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # the peak so far is the baseline: ru_maxrss only grows, so measure a step that goes above it
-    step(fn, t)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) / 1024
+    return cpu_step_peak_mb(lambda: step(fn, t))
 
 
 if __name__ == "__main__":

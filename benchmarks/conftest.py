@@ -50,3 +50,50 @@ def run_bench(benchmark, device, fn, setup=None, rounds=15, **extra_info):
         sync(device)
 
     benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def cpu_step_peak_mb(step) -> float:
+    """Peak resident memory of one call of step() beyond the memory resident before it (Linux):
+    the high-water mark is reset first (writing 5 to /proc/self/clear_refs), so earlier peaks (the
+    inputs' construction) do not hide the step's. Run it in a fresh process, before any warm-up:
+    memory freed earlier and kept by the allocator would otherwise be reused unseen."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kb("VmRSS")
+    step()
+    return (_status_kb("VmHWM") - before) / 1024
+
+
+def peak_mb_in_subprocess(script: str, *args: str):
+    """Run `python script *args` (whose main prints {"peak_mb": x} as its last line) -> x or None.
+    MMCL_FAST_BENCH_MEMORY=0 or small shapes skip it."""
+    import json
+    import subprocess
+    import sys
+
+    if os.environ.get("MMCL_FAST_BENCH_MEMORY", "1") == "0" or small():
+        return None
+    res = subprocess.run([sys.executable, os.path.abspath(script), *args], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(script)), timeout=900)
+    if res.returncode != 0:
+        return None
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def cuda_step_peak_mb(step) -> float:
+    """Peak CUDA memory allocated by one call of step() (after one warm-up call) beyond that before."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20

@@ -38,4 +38,42 @@ TORCH_LIBRARY(mmcl_fast, m) {
       "ska_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, "
       "Tensor? key_padding_mask, Tensor? query_padding_mask, Tensor out, Tensor lse, "
       "Tensor? grad_colsum, float scale, bool need_dbias) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Op family C: embedding modulation and the knowledge-graph kernels (DESIGN.md section 6).
+  // Contract (the maths and every shape/dtype): mmcl_fast/ops/modulated_embedding.py and
+  // mmcl_fast/ops/filtered_rank.py. "acc" below is float32 (float64 for float64 inputs).
+  //
+  // tables [M, N, D], index [B] int64, gamma/beta [M, D], gate_logits [B, M] or [M] or absent,
+  // modality_mask [N, M] bool or absent -> out [B, D], gates [B, M] acc (the masked softmax).
+  m.def(
+      "modulated_embedding_forward(Tensor tables, Tensor index, Tensor gamma, Tensor beta, "
+      "Tensor? gate_logits, Tensor? modality_mask) -> (Tensor, Tensor)");
+  // -> grad_tables (dense [M, N, D], or when sparse the COO values [M, B, D]), grad_gamma [M, D],
+  //    grad_beta [M, D], grad_logits [B, M] acc (per sample; the caller sums it for shared gates)
+  m.def(
+      "modulated_embedding_backward(Tensor grad_out, Tensor tables, Tensor index, Tensor gamma, "
+      "Tensor beta, Tensor gates, bool sparse) -> (Tensor, Tensor, Tensor, Tensor)");
+  // out_k = (1 - 1/i) prev_k + (1/i) sigma_k new_k / max(||new_k||_F, eps); sigma [K] acc;
+  // -> outs, norms [K] acc (||new_k||_F)
+  m.def(
+      "interpolate_weights_forward(Tensor[] prev, Tensor[] new, Tensor sigma, float i, float eps) "
+      "-> (Tensor[], Tensor)");
+  // -> grad_new (list), grad_sigma [K] acc; grad_prev is (1 - 1/i) grad_out, done by the caller
+  m.def(
+      "interpolate_weights_backward(Tensor[] grad_out, Tensor[] new, Tensor sigma, Tensor norms, "
+      "float i, float eps) -> (Tensor[], Tensor)");
+  // per-tensor sums_k = sum w_k (p_k - a_k)^2 -> [K] acc; w absent (1), one element, per row
+  // ([p.size(0)]) or per element (p's shape)
+  m.def("anchor_penalty_forward(Tensor[] params, Tensor[] anchors, Tensor?[] weights) -> Tensor");
+  // grad_p_k = 2 grad_k w_k (p_k - a_k), grad [K] acc
+  m.def(
+      "anchor_penalty_backward(Tensor grad, Tensor[] params, Tensor[] anchors, Tensor?[] weights) "
+      "-> Tensor[]");
+  // queries [B, D], entities [N, D], target [B] int64, filter CSR (indptr [B+1], indices [nnz],
+  // int64, rows sorted ascending, duplicates counted once); score 0 transe_l1, 1 transe_l2,
+  // 2 distmult, 3 complex, 4 rotate, 5 dot -> greater [B] int64, equal [B] int64 over the
+  // candidates c < num_candidates, c != target, c not in the filter row
+  m.def(
+      "filtered_rank_counts(Tensor queries, Tensor entities, Tensor target, Tensor filter_indptr, "
+      "Tensor filter_indices, int score, int num_candidates) -> (Tensor, Tensor)");
 }

@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .modality_step import _device_guard
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _LOG2E = 1.4426950408889634
@@ -362,21 +364,6 @@ def _config(D: int, dtype: torch.dtype, backward: bool = False):
 
 def _precision(dtype: torch.dtype) -> str:
     return _F32_PRECISION if dtype == torch.float32 else "tf32"
-
-
-class _NullGuard:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _device_guard(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' device."""
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    return _NullGuard()
 
 
 def _check_device(q: torch.Tensor):

@@ -66,6 +66,17 @@ def _has_kernel(op: str, key: str) -> bool:
         return False
 
 
+def _has_compiled_op(op: str) -> bool:
+    if torch.compiler.is_compiling():
+        return _has_compiled_op_constant(op)
+    return extension_loaded() and hasattr(torch.ops.mmcl_fast, op)
+
+
+@torch.compiler.assume_constant_result
+def _has_compiled_op_constant(op: str) -> bool:
+    return extension_loaded() and hasattr(torch.ops.mmcl_fast, op)
+
+
 def extension_loaded() -> bool:
     return _extension()[0] is not None
 
@@ -215,16 +226,26 @@ def choose_backend(
     *,
     contiguous: bool = True,
     gpu_preference: Sequence[str] = ("cuda", "triton"),
+    compiled_op: Optional[str] = None,
 ) -> str:
-    """The backend that runs `op` on these tensors (see the module docstring for the order)."""
+    """The backend that runs `op` on these tensors (see the module docstring for the order).
+    `compiled_op`: the mmcl_fast._C op the cpu and cuda backends call (an extension built before
+    that op existed cannot serve it)."""
+
+    def reason(name: str) -> str:
+        why = why_not(name, device, dtype, contiguous)
+        if not why and compiled_op is not None and name in ("cpu", "cuda") and not _has_compiled_op(compiled_op):
+            why = f"mmcl_fast._C has no op {compiled_op!r} (built from older sources: rebuild it)"
+        return why
+
     forced = forced_backend()
     if forced is not None:
-        reason = why_not(forced, device, dtype, contiguous)
-        if reason:
-            raise BackendUnavailableError(f"mmcl_fast.{op}: {reason}")
+        why = reason(forced)
+        if why:
+            raise BackendUnavailableError(f"mmcl_fast.{op}: {why}")
         return forced
     order = list(gpu_preference) if device.type == "cuda" else ["cpu"]
     for name in order + ["reference"]:
-        if not why_not(name, device, dtype, contiguous):
+        if not reason(name):
             return name
     raise TypeError(f"mmcl_fast.{op}: no backend supports dtype {dtype} on {device}")

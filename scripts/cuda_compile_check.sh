@@ -8,13 +8,12 @@
 # nothing is compiled twice; otherwise a regular (non-editable) forced-CUDA install is made.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-nvcc_bin=$(command -v nvcc || true)
-[ -n "$nvcc_bin" ] || { [ -x /usr/local/cuda/bin/nvcc ] && nvcc_bin=/usr/local/cuda/bin/nvcc; } || true
+venv=$(realpath -m "${MMCL_FAST_CUDA_VENV:-.venv-cuda}")  # absolute: the check below runs from /tmp
+. scripts/cuda_env.sh
 if [ -z "$nvcc_bin" ]; then
   echo "cuda_compile_check: SKIPPED - nvcc is absent on this machine, the CUDA sources were not compiled"
   exit 0
 fi
-venv=$(realpath -m "${MMCL_FAST_CUDA_VENV:-.venv-cuda}")  # absolute: the check below runs from /tmp
 t0=$SECONDS
 has_cuda_build() {
   "$venv/bin/python" -c 'import sys, torch, mmcl_fast._C; sys.exit(not torch._C._dispatch_has_kernel_for_dispatch_key("mmcl_fast::modality_adamw_", "CUDA"))' 2>/dev/null
@@ -26,12 +25,7 @@ else
   "$venv/bin/python" -m pip install -q --upgrade "setuptools>=70" wheel ninja numpy
   "$venv/bin/python" -m pip install -q "torch==2.14.1"
   echo "cuda_compile_check: $("$venv/bin/python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'), $("$nvcc_bin" --version | tail -1), after $((SECONDS - t0)) s"
-  inc=$("$venv/bin/python" -c "import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))" 2>/dev/null || true)
-  [ -n "$inc" ] && [ -d "$inc" ] && export CPATH="$inc${CPATH:+:$CPATH}"
-  export PATH="$(dirname "$nvcc_bin"):$PATH"
-  # /usr/local/bin/nvcc may be a wrapper script: torch would then take CUDA_HOME=/usr/local and find
-  # no libcudart to link. Point it at the real toolkit.
-  if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+  cuda_env_export
   MMCL_FAST_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=${MAX_JOBS:-2} \
     "$venv/bin/python" -m pip install --no-build-isolation --no-deps --force-reinstall . 2>&1 | tail -n 5
   echo "cuda_compile_check: compiled after $((SECONDS - t0)) s"
@@ -57,7 +51,8 @@ MMCL_FAST_NO_EXT=1 "$venv/bin/python" -m pip wheel -q --no-build-isolation --no-
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 assert any(n.startswith("mmcl_fast/kernels/") for n in names), "mmcl_fast/kernels missing from the wheel"
-assert any(n.startswith("mmcl_fast/nn/") for n in names), "mmcl_fast/nn missing from the wheel"
+for sub in ("nn", "ops", "optim", "continual", "methods"):
+    assert any(n.startswith(f"mmcl_fast/{sub}/") for n in names), f"mmcl_fast/{sub} missing from the wheel"
 assert not any(n.startswith("kernels/") for n in names), "a top-level 'kernels' package is in the wheel"
 print("cuda_compile_check: wheel layout ok:", sorted({n.split("/")[0] + "/" + n.split("/")[1] for n in names if n.count("/") > 1 and n.startswith("mmcl_fast/")}))
 PY

@@ -24,15 +24,9 @@ fi
 echo "setup_env: torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)') ready after $((SECONDS - t0)) s" >&2
 extras="test"
 [ -n "$vision_req" ] && extras="test,integrations"
-nvcc_bin=$(command -v nvcc || true)
-[ -z "$nvcc_bin" ] && [ -x /usr/local/cuda/bin/nvcc ] && nvcc_bin=/usr/local/cuda/bin/nvcc
+. scripts/cuda_env.sh
 if [ -n "$nvcc_bin" ] && "$venv/bin/python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
-  export PATH="$(dirname "$nvcc_bin"):$PATH"
-  # /usr/local/bin/nvcc may be a wrapper script: torch would then take CUDA_HOME=/usr/local and
-  # find no libcudart to link. Point it at the real toolkit.
-  if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
-  inc=$("$venv/bin/python" -c "import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))" 2>/dev/null || true)
-  if [ -n "$inc" ] && [ -d "$inc" ]; then export CPATH="$inc${CPATH:+:$CPATH}"; fi
+  cuda_env_export
   echo "setup_env: nvcc found ($("$nvcc_bin" --version | tail -1)): the CUDA kernels are compiled too" >&2
 fi
 # --no-build-isolation: the build must use this torch, not fetch its own. Pinning torch again keeps

@@ -29,3 +29,30 @@ def _reset_backend_choice():
     mmcl_fast.set_backend(None)
     yield
     mmcl_fast.set_backend(None)
+
+
+# -- helpers the op-family test files share ---------------------------------------------------------
+GPU = torch.cuda.is_available()
+
+
+def gpu_backends():
+    """cuda and triton, each skipped (with the reason) where there is no GPU."""
+    return [pytest.param(b, marks=pytest.mark.skipif(not GPU, reason="no GPU"), id=b) for b in ("cuda", "triton")]
+
+
+def skip_unless(backend, device=torch.device("cpu"), dtype=torch.float32):
+    reason = why_not(backend, torch.device(device), dtype)
+    if reason:
+        pytest.skip(reason)
+
+
+def assert_close(a, b, tol, what):
+    """max |a - b| <= tol * max(1, max |b|), both finite and of one shape (a relative bound that
+    does not blow up near zero)."""
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    if a.numel() == 0:
+        return
+    err = (a.double() - b.double()).abs().max().item()
+    scale = max(1.0, b.double().abs().max().item())
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x {scale:.3g}"

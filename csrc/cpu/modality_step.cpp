@@ -19,15 +19,7 @@
 
 #include "../modality_step.h"
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-// Built once for x86-64-v3 (AVX2, FMA) and once generic; the loader picks the clone the CPU can
-// run. (Not "arch=haswell": that clone is chosen by CPU model, so AMD CPUs would never get it.)
-#define MMCL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#define MMCL_INLINE inline __attribute__((always_inline))
-#else
-#define MMCL_CPU_CLONES
-#define MMCL_INLINE inline
-#endif
+#include "cpu/cpu_clones.h"
 
 namespace mmcl_fast {
 namespace {

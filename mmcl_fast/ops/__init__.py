@@ -7,6 +7,8 @@ from .modality_step import (
     philox_normal,
     split_head_logits,
 )
+from .filtered_rank import build_filter, filtered_rank, filtered_rank_counts, rank_metrics
+from .modulated_embedding import anchor_penalty, interpolate_weights, modulated_embedding
 from .shared_key_attention import (
     asymmetric_relu_distance,
     pooled_attention_maps,
@@ -25,4 +27,11 @@ __all__ = [
     "shared_key_attention_distill",
     "pooled_attention_maps",
     "asymmetric_relu_distance",
+    "modulated_embedding",
+    "interpolate_weights",
+    "anchor_penalty",
+    "filtered_rank",
+    "filtered_rank_counts",
+    "rank_metrics",
+    "build_filter",
 ]

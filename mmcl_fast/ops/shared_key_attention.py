@@ -33,6 +33,9 @@ from typing import Optional, Tuple
 import torch
 
 from .. import backend as _backend
+from ._util import acc_dtype
+from ._util import has_op as _has_op
+from ._util import shape_str as _shape
 
 SPACES = ("scores", "probs")
 POOLS = ("width", "height", "both")
@@ -45,10 +48,6 @@ _GPU_PREFERENCE = ("cuda", "triton")
 
 
 # -- validation ---------------------------------------------------------------------------------
-def _shape(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
-
-
 def _check_inputs(q, k, v, bias, key_padding_mask, query_padding_mask, scale, *, need_v=True):
     """Checks every argument (naming it) before any kernel runs; returns (B, H, Lq, Lk, D, scale)."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
@@ -297,7 +296,7 @@ class _ScoresDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, bias, kpm, qpm, tw, th, scale, normalize):
-        acc = _stat_dtype(q)
+        acc = acc_dtype(q.dtype)
         B, H, Lq, D = q.shape
         qf = q.to(acc)
         kf = _as_batched(k).to(acc)                                   # [1 or B, H, Lk, D]
@@ -436,22 +435,10 @@ def _register() -> None:
                                     setup_context=_setup_context)
 
 
-def _has_op(name: str) -> bool:
-    try:
-        getattr(torch.ops.mmcl_fast, name)
-        return True
-    except (AttributeError, RuntimeError):  # an extension built before this op existed
-        return False
-
-
-def _stat_dtype(q):
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 def _fake_forward(q, k, v, need_colsum):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    acc = _stat_dtype(q)
+    acc = acc_dtype(q.dtype)
     colsum = q.new_empty((B, H, Lk), dtype=acc) if need_colsum else q.new_empty((0,), dtype=acc)
     return torch.empty_like(q), q.new_empty((B, H, Lq), dtype=acc), colsum
 
@@ -508,7 +495,7 @@ def pooled_attention_maps(q, k, bias=None, key_padding_mask=None, query_padding_
     B, H, Lq, Lk, D, scale = _check_inputs(q, k, None, bias, key_padding_mask, query_padding_mask, scale,
                                            need_v=False)
     backend = _choose(q)
-    acc = _stat_dtype(q)
+    acc = acc_dtype(q.dtype)
     if backend == "reference":
         w, u = reference_pooled_maps(q, k, bias, key_padding_mask, query_padding_mask, scale, space)
         return w.to(acc), u.to(acc)
