@@ -95,7 +95,8 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["mmcl_fast", "mmcl_fast.ops", "mmcl_fast.optim", "mmcl_fast.nn", "mmcl_fast.kernels"],
+    packages=["mmcl_fast", "mmcl_fast.ops", "mmcl_fast.optim", "mmcl_fast.nn", "mmcl_fast.continual",
+              "mmcl_fast.methods", "mmcl_fast.kernels"],
     package_dir={"mmcl_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
@@ -103,9 +104,14 @@ setup(
     # torch is not pinned: any recent build, CPU or CUDA, serves; pinning would force a CUDA wheel
     # onto CPU machines.
     install_requires=["torch>=2.4", "numpy"],
+    entry_points={"console_scripts": ["mmcl-fast=mmcl_fast.cli:main"]},
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "ninja", "triton>=3.0"],
+        # continual runs: the digits stream, the progress bar and the PNG reports
+        "run": ["scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60"],
+        # pykeen: the independent oracle of the ranking op (and the real KGs it ships)
+        "test": ["pytest>=8", "pytest-benchmark>=4", "ninja", "triton>=3.0", "pykeen>=1.10",
+                 "scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60"],
         "bench": ["pytest-benchmark>=4", "ninja"],
         # the drop-in modules for Hugging Face and timm models (optional: the core needs neither)
         "integrations": ["transformers>=5", "timm>=1.0"],

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The main job, for now: install (scripts/setup_env.sh), then the benchmark comparison of op families
-# A and B against the PyTorch way, printed as a table of medians, ratios, GB/s and peak memory.
-# Extra arguments go to pytest.
+# The main job: install (scripts/setup_env.sh: venv .venv, torch, mmcl_fast with its compiled
+# kernels), then a whole continual run on the CPU: `mmcl-fast run digits` (scikit-learn's digits,
+# 5 class-incremental tasks of 2 classes, two image halves as two modalities, op family A's
+# optimizer with OGM-GE modulation and herding replay). The log (log.jsonl), the result matrix and
+# metrics (results.json) and the PNG report land in ${MMCL_FAST_RUN_DIR:-runs/digits}; the table is
+# printed. Extra arguments go to `mmcl-fast run digits` (e.g. --set epochs=3, --fresh).
+# MMCL_FAST_MAIN_BENCH=1 then also runs the benchmarks of every op family and prints their table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 venv=$(realpath -m "${MMCL_FAST_VENV:-.venv}")
-out=${MMCL_FAST_BENCH_JSON:-bench-main.json}
-"$venv/bin/python" -m pytest benchmarks/bench_modality_step.py benchmarks/bench_shared_key_attention.py --benchmark-only \
-  --benchmark-json="$out" -p no:cacheprovider -q "$@"
-"$venv/bin/python" benchmarks/report.py "$out"
+"$venv/bin/mmcl-fast" info
+"$venv/bin/mmcl-fast" run digits --output "${MMCL_FAST_RUN_DIR:-runs/digits}" --no-progress "$@"
+if [ "${MMCL_FAST_MAIN_BENCH:-0}" = 1 ]; then
+  "$venv/bin/mmcl-fast" bench --benchmarks benchmarks --json "${MMCL_FAST_BENCH_JSON:-bench-main.json}"
+fi
