@@ -458,7 +458,9 @@ class _Rel:
         self.size = ref.element_size()
         self.aligned = self.base % 16 == 0
 
-    def __call__(self, t: torch.Tensor, vector: bool = True) -> int:
+    def __call__(self, t: Optional[torch.Tensor], vector: bool = True) -> int:
+        if t is None or t.numel() == 0:  # nothing is read through it
+            return 0
         addr = t.data_ptr()
         diff = addr - self.base
         if diff % self.size:

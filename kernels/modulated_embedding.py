@@ -42,7 +42,6 @@ Launches:
     backward 1.
 """
 import collections
-import functools
 import os
 import threading
 from typing import List, Optional, Tuple
@@ -51,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .modality_step import _device_guard
+from .modality_step import _device_guard, _Rel, _sm_count
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -512,34 +511,6 @@ _CACHE_SIZE = 64
 _table_cache: "collections.OrderedDict" = collections.OrderedDict()
 _capture_keepalive: list = []
 _lock = threading.Lock()
-
-
-class _Rel:
-    """Element offsets of tensors from a reference tensor (what the table holds), and whether every
-    address seen is 16-byte aligned."""
-
-    def __init__(self, ref: torch.Tensor):
-        self.base = ref.data_ptr()
-        self.size = ref.element_size()
-        self.aligned = self.base % 16 == 0
-
-    def __call__(self, t: Optional[torch.Tensor], vector: bool = True) -> int:
-        if t is None or t.numel() == 0:
-            return 0
-        diff = t.data_ptr() - self.base
-        if diff % self.size:
-            raise ValueError("mmcl_fast (triton): a tensor's address is not aligned to its element size")
-        if vector and t.data_ptr() % 16:
-            self.aligned = False
-        return diff // self.size
-
-    def align(self) -> int:
-        return 16 // self.size if self.aligned else 1
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _chunk_iters(total: int, device: torch.device) -> int:
