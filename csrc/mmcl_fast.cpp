@@ -30,14 +30,26 @@ TORCH_LIBRARY(mmcl_fast, m) {
   // Op family B: shared-key attention, flash-style (DESIGN.md section 5.2). k is [B or 1, H, Lk, D]
   // (1: a key bank shared by the batch), bias [B or 1, H, Lq, Lk]; lse and colsum are float32
   // (float64 for float64 inputs); colsum (the column sums of P over valid queries) and dbias are
-  // empty tensors unless asked for. grad_colsum is the loss's gradient with respect to colsum.
+  // empty tensors unless asked for. grad_colsum is the loss's gradient with respect to colsum;
+  // grad_width [B, H, Lq] and grad_height [B, H, Lk] (acc) are the loss's gradients with respect
+  // to the pooled score maps w_i = qv_i sum_j kv_j S_ij and u_j = kv_j sum_i qv_i S_ij (masked
+  // by qv and kv): they add kv_j grad_width_i + qv_i grad_height_j to dS.
   m.def(
       "ska_forward(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? key_padding_mask, "
       "Tensor? query_padding_mask, float scale, bool need_colsum) -> (Tensor, Tensor, Tensor)");
   m.def(
       "ska_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, "
       "Tensor? key_padding_mask, Tensor? query_padding_mask, Tensor out, Tensor lse, "
-      "Tensor? grad_colsum, float scale, bool need_dbias) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? grad_colsum, Tensor? grad_width, Tensor? grad_height, float scale, "
+      "bool need_dbias) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The pooled score maps (width [B, H, Lq], height [B, H, Lk], acc) by their closed forms, and,
+  // against the teacher's maps (acc, or absent), the asymmetric ReLU distance per (b, h) (dist
+  // [B, H]) with its gradients with respect to width and height (empty when that teacher is
+  // absent). The maths: mmcl_fast/ops/shared_key_attention.py.
+  m.def(
+      "ska_score_maps(Tensor q, Tensor k, Tensor? bias, Tensor? key_padding_mask, "
+      "Tensor? query_padding_mask, Tensor? teacher_width, Tensor? teacher_height, float scale, "
+      "bool normalize) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // Op family C: embedding modulation and the knowledge-graph kernels (DESIGN.md section 6).
   // Contract (the maths and every shape/dtype): mmcl_fast/ops/modulated_embedding.py and

@@ -309,8 +309,8 @@ def test_gradcheck_float64(backend, space, pool):
 
 
 # -- the kernel ops directly: lse, colsum, empty rows ----------------------------------------------
-def _kernel_fns(backend):
-    _skip_unless(backend)
+def _kernel_fns(backend, device="cpu"):
+    _skip_unless(backend, torch.device(device))
     if backend == "reference":
         pytest.skip("the reference has no kernel ops")
     return ska._kernel_ops(backend)
@@ -318,7 +318,7 @@ def _kernel_fns(backend):
 
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_forward_kernel_lse_and_column_sums(backend):
-    fwd, _ = _kernel_fns(backend)
+    fwd = _kernel_fns(backend)[0]
     q, k, v, b, kpm, qpm = make_inputs(3, 2, 13, 10, 16, bias="one", qmask=True, empty_row=True)
     out, lse, colsum = fwd(q, k.unsqueeze(0), v, b, kpm, qpm, 0.25, True)
     S = ska._reference_scores(q.double(), k.double(), b.double(), kpm, 0.25).masked_fill(kpm[:, None, None, :], float("-inf"))
@@ -343,6 +343,134 @@ def test_minus_inf_bias_rows_give_zero_not_nan(backend):
     assert out[:, 1, 3].abs().max().item() == 0 and torch.isfinite(out).all()
     grads = torch.autograd.grad(out.sum(), mine[:3])
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+# -- the fused "scores" loss: the maps kernel and the map gradient in the backward kernel ----------
+# (B, H, Lq, Lk, D, bank, bias, qmask); keys padded per element, every key of the last one
+MAP_CASES = [
+    (3, 2, 13, 10, 16, True, "bank", True),
+    (2, 3, 7, 21, 48, False, "batch", False),
+    (2, 1, 1, 5, 8, True, None, True),
+    (2, 2, 9, 6, 16, True, "one", True),
+]
+
+
+def _map_case_ids(c):
+    B, H, Lq, Lk, D, bank, bias, qm = c
+    return f"B{B}H{H}q{Lq}k{Lk}D{D}-{'bank' if bank else 'keys'}-{bias}{'-qm' if qm else ''}"
+
+
+def _map_inputs(case):
+    B, H, Lq, Lk, D, bank, bias, qm = case
+    q, k, v, b, kpm, qpm = make_inputs(B, H, Lq, Lk, D, bank=bank, bias=bias, kmask=True, qmask=qm, empty_row=True)
+    k4 = k if k.dim() == 4 else k.unsqueeze(0)
+    b4 = b if b is None or b.dim() == 4 else b.unsqueeze(0)
+    return q, k, v, b, kpm, qpm, k4, b4
+
+
+def _valid_of(mask, n, B):
+    return torch.ones(B, n, dtype=torch.float64) if mask is None else (~mask).double()
+
+
+# the kernel backends on the CPU (C++, the Triton interpreter) and on a GPU when there is one
+KERNEL_TARGETS = [pytest.param(b, "cpu", id=b) for b in ("cpu", "triton")] + [
+    pytest.param(b, "cuda", id=f"gpu-{b}", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))
+    for b in ("cuda", "triton")]
+
+
+def _to(device, *ts):
+    return [None if t is None else t.to(device) for t in ts]
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_TARGETS)
+@pytest.mark.parametrize("case", MAP_CASES, ids=_map_case_ids)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_score_maps_kernel(backend, device, case, normalize):
+    """ska_score_maps: the maps equal the pooled explicit maps; the distance per (b, h) equals the
+    loss formula and its gradients equal autograd's of that formula (masked), for every teacher
+    combination."""
+    maps = _kernel_fns(backend, device)[2]
+    q, k, _, b, kpm, qpm, k4, b4 = _map_inputs(case)
+    B, H, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k4.shape[2]
+    scale = 0.3
+    w_ref, u_ref = ska.reference_pooled_maps(q.double(), k.double(), None if b is None else b.double(), kpm, qpm,
+                                             scale)
+    g = torch.Generator().manual_seed(4)
+    tw = (w_ref + torch.randn(B, H, Lq, generator=g, dtype=torch.float64)).float()
+    th = (u_ref + torch.randn(B, H, Lk, generator=g, dtype=torch.float64)).float()
+    wl, ul = w_ref.clone().requires_grad_(), u_ref.clone().requires_grad_()
+    d_w = ska.asymmetric_relu_distance(tw.double(), wl, normalize)
+    d_u = ska.asymmetric_relu_distance(th.double(), ul, normalize)
+    gw_ref, gu_ref = torch.autograd.grad((d_w + d_u).sum(), [wl, ul])
+    gw_ref = gw_ref * _valid_of(qpm, Lq, B)[:, None, :]
+    gu_ref = gu_ref * _valid_of(kpm, Lk, B)[:, None, :]
+    for teachers in ((tw, th), (tw, None), (None, th), (None, None)):
+        w, u, dist, gw, gu = (t.cpu() for t in maps(*_to(device, q, k4, b4, kpm, qpm, *teachers), scale, normalize))
+        assert w.dtype == u.dtype == dist.dtype == torch.float32
+        _close(w, w_ref, 2e-5, "width")
+        _close(u, u_ref, 2e-5, "height")
+        want = sum(d for d, t in ((d_w, teachers[0]), (d_u, teachers[1])) if t is not None)
+        _close(dist, want.detach() if isinstance(want, torch.Tensor) else torch.zeros(B, H), 2e-5, "dist")
+        for got, ref, t, name in ((gw, gw_ref, teachers[0], "grad_width"), (gu, gu_ref, teachers[1], "grad_height")):
+            if t is None:
+                assert got.numel() == 0, f"{name} must be empty without its teacher"
+            else:
+                _close(got, ref, 5e-5, name)
+    assert (d_w + d_u).min().item() > 0, "every pair should have an active ReLU term"
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_TARGETS)
+@pytest.mark.parametrize("case", MAP_CASES, ids=_map_case_ids)
+def test_backward_kernel_adds_the_map_gradient(backend, device, case):
+    """ska_backward with grad_width a and grad_height c (not masked: the kernel masks them) equals
+    autograd of sum(out dO) + sum(a w) + sum(c u) on the reference, w and u the pooled score maps."""
+    fwd, bwd, _ = _kernel_fns(backend, device)
+    q, k, v, b, kpm, qpm, k4, b4 = _map_inputs(case)
+    B, H, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k4.shape[2]
+    scale = 0.3
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(B, H, Lq, generator=g)
+    c = torch.randn(B, H, Lk, generator=g)
+    dout = torch.randn(B, H, Lq, q.shape[3], generator=g)
+    dq_, dk4, dv_, db4, dkpm, dqpm, ddout = _to(device, q, k4, v, b4, kpm, qpm, dout)
+    out, lse, _ = fwd(dq_, dk4, dv_, db4, dkpm, None, scale, False)
+    for gw, gu in ((a, c), (a, None), (None, c)):
+        got = [t.cpu() for t in bwd(ddout, dq_, dk4, dv_, db4, dkpm, dqpm, out, lse, None, *_to(device, gw, gu), scale,
+                                    b4 is not None)]
+        ref = _leaf([q, k, v, b], torch.float64)
+        w, u = ska.reference_pooled_maps(ref[0], ref[1], ref[3], kpm, qpm, scale)
+        total = (ska.reference_attention(*ref[:3], ref[3], kpm, scale) * dout.double()).sum()
+        total = total + (0 if gw is None else (a.double() * w).sum()) + (0 if gu is None else (c.double() * u).sum())
+        want = torch.autograd.grad(total, [t for t in ref if t is not None])
+        for name, x, y in zip(("dq", "dk", "dv", "dbias"), got, want):
+            _close(x.reshape(y.shape), y, 5e-5, name)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_fused_distill_gradients_of_one_output_and_no_double_backward(backend):
+    """The fused node with only the loss used (dv = 0), only the output used (no map term), and a
+    second derivative refused instead of silently wrong."""
+    _skip_unless(backend)
+    if backend == "reference":
+        pytest.skip("the reference has no fused node")
+    q, k, v, b, kpm, qpm = make_inputs(2, 2, 7, 9, 16, bias="bank", qmask=True)
+    tw, th = (t.float() for t in ska.reference_pooled_maps(q.double() * 0.5, k.double(), b.double(), kpm, qpm, None))
+    kw = dict(teacher_width=tw, teacher_height=th, key_padding_mask=kpm, query_padding_mask=qpm, pool="both")
+    for which in ("loss", "out"):
+        mine, ref = _leaf([q, k, v, b]), _leaf([q, k, v, b], torch.float64)
+        res = []
+        for leaves, be in ((mine, backend), (ref, "reference")):
+            out, loss = _run_backend(be, lambda: shared_key_attention_distill(*leaves[:3], bias=leaves[3], **kw))
+            res.append(torch.autograd.grad(loss if which == "loss" else out.sum(), leaves, allow_unused=True))
+        for name, x, y in zip(("dq", "dk", "dv", "dbias"), *res):
+            _close(x, torch.zeros_like(x) if y is None else y.float(), 5e-5, f"{which}: {name}")
+    mine = _leaf([q, k, v, b])
+    _, loss = _run_backend(backend, lambda: shared_key_attention_distill(*mine[:3], bias=mine[3], **kw))
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(loss, mine[0], create_graph=True)
+    out = _run_backend(backend, lambda: shared_key_attention(*mine[:3], bias=mine[3], key_padding_mask=kpm))
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(out.sum(), mine[0], create_graph=True)
 
 
 # -- bad input: a clear error naming the argument, before any kernel runs ------------------------
@@ -401,7 +529,7 @@ def _opcheck_inputs():
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_opcheck(backend):
-    fwd, bwd = _kernel_fns(backend)
+    fwd, bwd, maps = _kernel_fns(backend)
     if backend == "triton":
         ska._register_triton()
     q, k, v, b, kpm, qpm = _opcheck_inputs()
@@ -410,9 +538,15 @@ def test_opcheck(backend):
     with torch.no_grad():
         out, lse, colsum = fwd(q, k, v, b, kpm, qpm, 0.3, True)
     g = torch.randn_like(out)
-    torch.library.opcheck(bwd.default, (g, q.detach(), k.detach(), v.detach(), b.detach(), kpm, qpm, out, lse,
-                                        torch.randn_like(colsum), 0.3, True),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    gw, gu = torch.randn_like(lse), torch.randn_like(colsum)
+    for extra in ((torch.randn_like(colsum), None, None), (None, gw, gu), (None, gw, None)):
+        torch.library.opcheck(bwd.default, (g, q.detach(), k.detach(), v.detach(), b.detach(), kpm, qpm, out, lse,
+                                            *extra, 0.3, True),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    tw, th = torch.randn_like(lse), torch.randn_like(colsum)
+    for teachers in ((tw, th), (None, th), (None, None)):
+        torch.library.opcheck(maps.default, (q.detach(), k.detach(), b.detach(), kpm, qpm, *teachers, 0.3, True),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 def test_torch_compile_fullgraph_module():

@@ -5,10 +5,18 @@
 //     lse_i = log sum_j exp(S_ij);  P_ij = exp(S_ij - lse_i);  out_i = sum_j P_ij v_j
 //     colsum_j = sum_{i valid} P_ij
 // A row whose scores are all -inf is empty: out_i = 0, lse_i = +inf, so P = exp(S - lse) = 0 in
-// every later pass without a special case. Backward, with G = grad_colsum (0 when absent):
-//     Delta_i = dO_i . out_i + valid_i sum_j P_ij G_j
-//     dS_ij = P_ij (dO_i . v_j + valid_i G_j - Delta_i)
+// every later pass without a special case. Backward, with G = grad_colsum, gw = grad_width and
+// gu = grad_height (each 0 when absent), qv_i / kv_j = 1 for a valid query / key, else 0:
+//     Delta_i = dO_i . out_i + qv_i sum_j P_ij G_j
+//     dS_ij = P_ij (dO_i . v_j + qv_i G_j - Delta_i) + qv_i kv_j (gw_i + gu_j)
 //     dq = scale dS k,  dk = scale dS^T q,  dv = P^T dO,  dbias = dS
+// (the last term of dS is the gradient through the pooled score maps below: w and u are linear
+// in S, so it does not pass through the softmax).
+// The pooled score maps (ska_score_maps), per (b, h), by their closed forms:
+//     ksum = sum_j kv_j k_j,  qsum = sum_i qv_i q_i
+//     w_i = qv_i (scale q_i . ksum + sum_j kv_j bias_ij),  u_j = kv_j (scale qsum . k_j + sum_i qv_i bias_ij)
+// and against a teacher's map t (of w or u), n(x) = x / max(||x||, 1e-12) when normalizing:
+//     d = ||ReLU(n(t) - n(x))||,  dist = d_w + d_u,  grad = dd/dx times the mask
 // Accumulation is in the input's type (float or double), as are lse and colsum.
 //
 // Nothing of size Lq x Lk is allocated (dbias aside, when asked for): a block of BM queries meets
@@ -541,14 +549,17 @@ MMCL_INLINE void score_tile(const Problem<T>& p, const T* qa, int64_t ldq, const
   }
 }
 
-// Epilogue of the dP = dO v^T product: dS = P (dP + valid G - Delta), stored in place of dP and,
-// over the tile's nk real columns, written or added to dbias.
+// Epilogue of the dP = dO v^T product: dS = P (dP + valid G - Delta) + valid kv (gw + gu), stored
+// in place of dP and, over the tile's nk real columns, written or added to dbias.
 template <typename T>
 struct DsEpi {
   const T* P;      // the tile's probabilities, rows kLdS apart
   const T* delta;  // Delta of the tile's rows
   const T* valid;  // valid of the tile's rows
   const T* g;      // G at the tile's first column; null: none
+  const T* gw;     // grad_width of the tile's rows; null: none
+  const T* kv;     // key validity (1/0) at the tile's first column (with gw)
+  const T* gu;     // kv grad_height at the tile's first column (0 past Lk); null: none
   T* dbias;        // at the tile's first row and column, rows ldbias apart; null: none
   int64_t ldbias;
   int64_t nk;
@@ -562,7 +573,19 @@ struct DsEpi {
       t0 += vload(g + j);
       t1 += vload(g + j + W);
     }
-    const V d0 = vload(P + i * kLdS + j) * t0, d1 = vload(P + i * kLdS + j + W) * t1;
+    V d0 = vload(P + i * kLdS + j) * t0, d1 = vload(P + i * kLdS + j + W) * t1;
+    // the pooled score maps' gradient, valid_i kv_j (gw_i + gu_j): it does not pass through the
+    // softmax, so it is not times P (gu here is already times kv)
+    if (valid[i] != T(0)) {
+      if (gw != nullptr) {
+        d0 += gw[i] * vload(kv + j);
+        d1 += gw[i] * vload(kv + j + W);
+      }
+      if (gu != nullptr) {
+        d0 += vload(gu + j);
+        d1 += vload(gu + j + W);
+      }
+    }
     vstore(c, d0);
     vstore(c + W, d1);
     if (dbias == nullptr) return;
@@ -713,6 +736,8 @@ struct BwdIO {
   const T* out;
   const T* lse;
   const T* gcol;  // null: none
+  const T* gw;    // grad_width [B, H, Lq]; null: none
+  const T* gu;    // grad_height [B, H, Lk]; null: none
   T* dq;
   T* dk;
   T* dv;
@@ -721,13 +746,14 @@ struct BwdIO {
 
 template <typename T>
 int64_t bwd_scratch_elems(const Problem<T>& p) {
-  return round_up(p.D * p.Lkp, 16) * 2 + round_up(p.Lk * p.Dp, 16) * 3 + round_up(p.Lkp, 16) * 2 +
+  return round_up(p.D * p.Lkp, 16) * 2 + round_up(p.Lk * p.Dp, 16) * 3 + round_up(p.Lkp, 16) * 4 +
          round_up(kBMb * p.Dp, 16) * 3 + round_up(kBMb * kLdS, 16) * 2 + round_up(kBMb, 16) * 2;
 }
 
 template <typename T>
 struct BwdBufs {
-  T *kt, *vt, *kbuf, *dkbuf, *dvbuf, *kadd, *g, *qbuf, *dobuf, *dqbuf, *ps, *ds, *delta, *valid;
+  T *kt, *vt, *kbuf, *dkbuf, *dvbuf, *kadd, *g, *kv, *gu, *qbuf, *dobuf, *dqbuf, *ps, *ds, *delta,
+      *valid;
 };
 
 // The gradients of pair (b, h): dq and dv written, dbias rows and dk_acc ([Lk][Dp], unscaled)
@@ -747,6 +773,10 @@ MMCL_CPU_CLONES void bwd_pair(const Problem<T>& p, const BwdIO<T>& io, int64_t b
     std::copy(io.gcol + bh * Lk, io.gcol + (bh + 1) * Lk, s.g);
     std::fill(s.g + Lk, s.g + Lkp, T(0));
   }
+  if (io.gw != nullptr || io.gu != nullptr)
+    for (int64_t j = 0; j < Lkp; ++j) s.kv[j] = s.kadd[j] == T(0) ? T(1) : T(0);  // 0 past Lk
+  if (io.gu != nullptr)
+    for (int64_t j = 0; j < Lkp; ++j) s.gu[j] = j < Lk ? s.kv[j] * io.gu[bh * Lk + j] : T(0);
   T* dv = io.dv + bh * Lk * D;
   T* dv_acc = p.direct ? dv : s.dvbuf;
   // rows of the trimmed keys get no product
@@ -792,6 +822,8 @@ MMCL_CPU_CLONES void bwd_pair(const Problem<T>& p, const BwdIO<T>& io, int64_t b
       // dP = dO v^T, turned into dS (and dbias) in place
       gemm<T, false>(mq, nkp, D, doa, Dp, 1, s.vt + j0, Lkp, ds, kLdS);
       apply_epi(DsEpi<T>{ps, delta, valid, has_g ? s.g + j0 : nullptr,
+                         io.gw == nullptr ? nullptr : io.gw + bh * Lq + i0, s.kv + j0,
+                         io.gu == nullptr ? nullptr : s.gu + j0,
                          dbias_bh == nullptr ? nullptr : dbias_bh + i0 * Lk + j0, Lk, nk,
                          dbias_first},
                 ds, kLdS, mq, nkp);
@@ -822,6 +854,8 @@ MMCL_CPU_CLONES void bwd_item(const Problem<T>& p, const BwdIO<T>& io, int64_t i
   s.dvbuf = sc.take(Lk * Dp);
   s.kadd = sc.take(Lkp);
   s.g = sc.take(Lkp);
+  s.kv = sc.take(Lkp);
+  s.gu = sc.take(Lkp);
   s.qbuf = sc.take(kBMb * Dp);
   s.dobuf = sc.take(kBMb * Dp);
   s.dqbuf = sc.take(kBMb * Dp);
@@ -847,6 +881,104 @@ MMCL_CPU_CLONES void bwd_item(const Problem<T>& p, const BwdIO<T>& io, int64_t i
 }
 
 // ----------------------------------------------------------------------------------------------
+// The pooled score maps by their closed forms, and the distillation distance per (b, h)
+
+// One side of the distance: x (the student's map, masked), t (the teacher's), both of length n.
+// Returns d = ||ReLU(n(t) - n(x))|| and writes gx = dd/dx times the mask m (1/0 per position).
+template <typename T>
+T map_distance(const T* x, const T* t, const T* m, int64_t n, bool normalize, T* gx) {
+  constexpr double kEps = 1e-12;
+  double xx = 0, tt = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    xx += double(x[i]) * x[i];
+    tt += double(t[i]) * t[i];
+  }
+  const double xn = std::sqrt(xx), tn = std::sqrt(tt);
+  const T sx = normalize ? T(1 / std::max(xn, kEps)) : T(1);
+  const T st = normalize ? T(1 / std::max(tn, kEps)) : T(1);
+  double rr = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const T r = std::max(t[i] * st - x[i] * sx, T(0));
+    gx[i] = r;  // r for now
+    rr += double(r) * r;
+  }
+  const T d = T(std::sqrt(rr));
+  // gnx = -r / d (0 when d = 0); through nx = x / max(||x||, eps): the projection off nx, over
+  // ||x||, where ||x|| > eps, else 1 / eps
+  const T inv_d = d > T(0) ? T(1) / d : T(0);
+  double dot = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    gx[i] = -gx[i] * inv_d;
+    dot += double(x[i] * sx) * gx[i];
+  }
+  const bool proj = normalize && xn > kEps;
+  for (int64_t i = 0; i < n; ++i) {
+    T g = gx[i];
+    if (proj) g = (g - x[i] * sx * T(dot)) * sx;
+    else if (normalize) g = g * T(1 / kEps);
+    gx[i] = g * m[i];
+  }
+  return d;
+}
+
+template <typename T>
+struct MapsIO {
+  const T* tw;  // teacher maps; null: absent
+  const T* th;
+  T* w;
+  T* u;
+  T* dist;
+  T* gw;  // null with tw
+  T* gu;  // null with th
+};
+
+// Pair (b, h): ksum = sum_j kv_j k_j, qsum = sum_i qv_i q_i,
+//   w_i = qv_i (scale q_i.ksum + sum_j kv_j bias_ij),  u_j = kv_j (scale qsum.k_j + sum_i qv_i bias_ij)
+// then the distances against the teachers present. buf: 2 D + Lq + Lk elements.
+template <typename T>
+void maps_pair(const Problem<T>& p, const MapsIO<T>& io, bool normalize, int64_t b, int64_t h,
+               T* buf) {
+  const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk, bh = b * p.H + h;
+  T* ksum = buf;
+  T* qsum = buf + D;
+  T* qv = buf + 2 * D;
+  T* kv = qv + Lq;
+  for (int64_t i = 0; i < Lq; ++i) qv[i] = (p.qpm != nullptr && p.qpm[b * Lq + i]) ? T(0) : T(1);
+  for (int64_t j = 0; j < Lk; ++j) kv[j] = (p.kpm != nullptr && p.kpm[b * Lk + j]) ? T(0) : T(1);
+  const T* q = p.q + bh * Lq * D;
+  const T* k = p.k_of(b, h);
+  std::fill(ksum, ksum + 2 * D, T(0));
+  for (int64_t j = 0; j < Lk; ++j)
+    if (kv[j] != T(0))
+      for (int64_t d = 0; d < D; ++d) ksum[d] += k[j * D + d];
+  for (int64_t i = 0; i < Lq; ++i)
+    if (qv[i] != T(0))
+      for (int64_t d = 0; d < D; ++d) qsum[d] += q[i * D + d];
+  T* w = io.w + bh * Lq;
+  T* u = io.u + bh * Lk;
+  for (int64_t i = 0; i < Lq; ++i) w[i] = p.scale * dot(q + i * D, ksum, D);
+  for (int64_t j = 0; j < Lk; ++j) u[j] = p.scale * dot(k + j * D, qsum, D);
+  if (const T* bias = p.bias_of(b, h)) {
+    for (int64_t i = 0; i < Lq; ++i) {
+      if (qv[i] == T(0)) continue;
+      const T* row = bias + i * Lk;
+      T acc = T(0);
+      for (int64_t j = 0; j < Lk; ++j) {
+        acc += kv[j] * row[j];
+        u[j] += row[j];
+      }
+      w[i] += acc;
+    }
+  }
+  for (int64_t i = 0; i < Lq; ++i) w[i] *= qv[i];
+  for (int64_t j = 0; j < Lk; ++j) u[j] *= kv[j];
+  T dist = T(0);
+  if (io.tw != nullptr) dist += map_distance(w, io.tw + bh * Lq, qv, Lq, normalize, io.gw + bh * Lq);
+  if (io.th != nullptr) dist += map_distance(u, io.th + bh * Lk, kv, Lk, normalize, io.gu + bh * Lk);
+  io.dist[bh] = dist;
+}
+
+// ----------------------------------------------------------------------------------------------
 // Argument checks and the ops
 
 void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
@@ -861,29 +993,42 @@ void check_same(const at::Tensor& t, const at::Tensor& q, const char* name) {
               t.scalar_type(), ", q has ", q.scalar_type());
 }
 
+// A per-(b, h) vector [B, H, L] in q's dtype (float32/float64: the accumulation type), or absent.
+void check_map(const std::optional<at::Tensor>& t, const at::Tensor& q, const char* name,
+               int64_t B, int64_t H, int64_t L) {
+  if (!t.has_value()) return;
+  check_tensor(*t, name, 3);
+  check_same(*t, q, name);
+  TORCH_CHECK(t->size(0) == B && t->size(1) == H && t->size(2) == L, "mmcl_fast: ska: ", name,
+              " must be [B, H, L] = [", B, ", ", H, ", ", L, "], got ", t->sizes());
+}
+
 struct Dims {
   int64_t B, H, Lq, Lk, D, Bk, Bb;
 };
 
-Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+// v: null for the score maps, which do not read it
+Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& kpm,
                   const std::optional<at::Tensor>& qpm) {
   check_tensor(q, "q", 4);
   check_tensor(k, "k", 4);
-  check_tensor(v, "v", 4);
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
               "mmcl_fast: ska (CPU): q must be float32 or float64, got ", q.scalar_type());
   check_same(k, q, "k");
-  check_same(v, q, "v");
   Dims d{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), k.size(0), 1};
   TORCH_CHECK(d.B >= 1 && d.H >= 1 && d.Lq >= 1 && d.Lk >= 1 && d.D >= 1,
               "mmcl_fast: ska: empty dimension in q ", q.sizes(), " or k ", k.sizes());
   TORCH_CHECK((d.Bk == 1 || d.Bk == d.B) && k.size(1) == d.H && k.size(3) == d.D,
               "mmcl_fast: ska: k must be [1 or B, H, Lk, D] = [1 or ", d.B, ", ", d.H, ", Lk, ",
               d.D, "], got ", k.sizes());
-  TORCH_CHECK(v.size(0) == d.B && v.size(1) == d.H && v.size(2) == d.Lk && v.size(3) == d.D,
-              "mmcl_fast: ska: v must be [B, H, Lk, D] = [", d.B, ", ", d.H, ", ", d.Lk, ", ",
-              d.D, "], got ", v.sizes());
+  if (v != nullptr) {
+    check_tensor(*v, "v", 4);
+    check_same(*v, q, "v");
+    TORCH_CHECK(v->size(0) == d.B && v->size(1) == d.H && v->size(2) == d.Lk && v->size(3) == d.D,
+                "mmcl_fast: ska: v must be [B, H, Lk, D] = [", d.B, ", ", d.H, ", ", d.Lk, ", ",
+                d.D, "], got ", v->sizes());
+  }
   if (bias.has_value()) {
     check_tensor(*bias, "bias", 4);
     check_same(*bias, q, "bias");
@@ -944,7 +1089,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ska_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& query_padding_mask, double scale, bool need_colsum) {
-  const Dims d = check_inputs(q, k, v, bias, key_padding_mask, query_padding_mask);
+  const Dims d = check_inputs(q, k, &v, bias, key_padding_mask, query_padding_mask);
   at::Tensor out = at::empty({d.B, d.H, d.Lq, d.D}, q.options());
   at::Tensor lse = at::empty({d.B, d.H, d.Lq}, q.options());
   at::Tensor colsum = need_colsum ? at::empty({d.B, d.H, d.Lk}, q.options())
@@ -978,9 +1123,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& query_padding_mask, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& grad_colsum, double scale,
-    bool need_dbias) {
-  const Dims d = check_inputs(q, k, v, bias, key_padding_mask, query_padding_mask);
+    const at::Tensor& lse, const std::optional<at::Tensor>& grad_colsum,
+    const std::optional<at::Tensor>& grad_width, const std::optional<at::Tensor>& grad_height,
+    double scale, bool need_dbias) {
+  const Dims d = check_inputs(q, k, &v, bias, key_padding_mask, query_padding_mask);
   check_tensor(grad_out, "grad_out", 4);
   check_tensor(out, "out", 4);
   check_same(grad_out, q, "grad_out");
@@ -992,13 +1138,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_backward_cpu(
   check_same(lse, q, "lse");
   TORCH_CHECK(lse.size(0) == d.B && lse.size(1) == d.H && lse.size(2) == d.Lq,
               "mmcl_fast: ska: lse must be [B, H, Lq], got ", lse.sizes());
-  if (grad_colsum.has_value()) {
-    check_tensor(*grad_colsum, "grad_colsum", 3);
-    check_same(*grad_colsum, q, "grad_colsum");
-    TORCH_CHECK(grad_colsum->size(0) == d.B && grad_colsum->size(1) == d.H &&
-                    grad_colsum->size(2) == d.Lk,
-                "mmcl_fast: ska: grad_colsum must be [B, H, Lk], got ", grad_colsum->sizes());
-  }
+  check_map(grad_colsum, q, "grad_colsum", d.B, d.H, d.Lk);
+  check_map(grad_width, q, "grad_width", d.B, d.H, d.Lq);
+  check_map(grad_height, q, "grad_height", d.B, d.H, d.Lk);
   TORCH_CHECK(!need_dbias || bias.has_value(), "mmcl_fast: ska: need_dbias without a bias");
   at::Tensor dq = at::empty_like(q);
   at::Tensor dk = at::empty_like(k);
@@ -1012,6 +1154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_backward_cpu(
                       out.const_data_ptr<T>(),
                       lse.const_data_ptr<T>(),
                       grad_colsum.has_value() ? grad_colsum->const_data_ptr<T>() : nullptr,
+                      grad_width.has_value() ? grad_width->const_data_ptr<T>() : nullptr,
+                      grad_height.has_value() ? grad_height->const_data_ptr<T>() : nullptr,
                       dq.data_ptr<T>(),
                       dk.data_ptr<T>(),
                       dv.data_ptr<T>(),
@@ -1029,11 +1173,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_backward_cpu(
   return {dq, dk, dv, dbias};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_score_maps_cpu(
+    const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& query_padding_mask,
+    const std::optional<at::Tensor>& teacher_width,
+    const std::optional<at::Tensor>& teacher_height, double scale, bool normalize) {
+  const Dims d = check_inputs(q, k, nullptr, bias, key_padding_mask, query_padding_mask);
+  check_map(teacher_width, q, "teacher_width", d.B, d.H, d.Lq);
+  check_map(teacher_height, q, "teacher_height", d.B, d.H, d.Lk);
+  at::Tensor w = at::empty({d.B, d.H, d.Lq}, q.options());
+  at::Tensor u = at::empty({d.B, d.H, d.Lk}, q.options());
+  at::Tensor dist = at::empty({d.B, d.H}, q.options());
+  at::Tensor gw = teacher_width.has_value() ? at::empty_like(w) : at::empty({0}, q.options());
+  at::Tensor gu = teacher_height.has_value() ? at::empty_like(u) : at::empty({0}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "ska_score_maps_cpu", [&] {
+    using T = scalar_t;
+    // v is never read here: k stands in for it
+    const Problem<T> p = make_problem<T>(d, q, k, k, bias, key_padding_mask, query_padding_mask,
+                                         scale);
+    const MapsIO<T> io{teacher_width.has_value() ? teacher_width->const_data_ptr<T>() : nullptr,
+                       teacher_height.has_value() ? teacher_height->const_data_ptr<T>() : nullptr,
+                       w.data_ptr<T>(),
+                       u.data_ptr<T>(),
+                       dist.data_ptr<T>(),
+                       teacher_width.has_value() ? gw.data_ptr<T>() : nullptr,
+                       teacher_height.has_value() ? gu.data_ptr<T>() : nullptr};
+    const int64_t elems = 2 * d.D + d.Lq + d.Lk;
+    at::parallel_for(0, d.B * d.H, 1, [&](int64_t lo, int64_t hi) {
+      std::unique_ptr<T[]> buf(new T[elems]);
+      for (int64_t it = lo; it < hi; ++it)
+        maps_pair<T>(p, io, normalize, it / d.H, it % d.H, buf.get());
+    });
+  });
+  return {w, u, dist, gw, gu};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mmcl_fast, CPU, m) {
   m.impl("ska_forward", &ska_forward_cpu);
   m.impl("ska_backward", &ska_backward_cpu);
+  m.impl("ska_score_maps", &ska_score_maps_cpu);
 }
 
 }  // namespace mmcl_fast

@@ -7,11 +7,28 @@
 //     lse_i = log sum_j exp(S_ij)    P_ij = exp(S_ij - lse_i)    out_i = sum_j P_ij v_j
 //     colsum_j = sum over valid queries i (query_padding_mask false) of P_ij
 // A row whose scores are all -inf is empty: out_i = 0, lse_i = +inf (so exp(S - lse) = 0 later).
-// Backward, with G_j = grad_colsum[b, h, j] (0 when None) and valid_i = !query_padding_mask[b, i]:
+// Backward, with G_j = grad_colsum[b, h, j], gw_i = grad_width[b, h, i], gu_j = grad_height[b, h, j]
+// (each 0 when None), valid_i = qv_i = !query_padding_mask[b, i], kv_j = !key_padding_mask[b, j]:
 //     dP_ij = grad_out_i . v_j + G_j valid_i       Delta_i = grad_out_i . out_i + valid_i sum_j P_ij G_j
-//     dS_ij = P_ij (dP_ij - Delta_i)               dbias_ij = dS_ij (summed over b when Bb == 1)
+//     dS_ij = P_ij (dP_ij - Delta_i) + qv_i kv_j (gw_i + gu_j)
+//     dbias_ij = dS_ij (summed over b when Bb == 1)
 //     dq_i = scale sum_j dS_ij k_j    dk_j = scale sum_i dS_ij q_i (summed over b when Bk == 1)
 //     dv_j = sum_i P_ij grad_out_i
+// The gw, gu terms are the gradient through the pooled score maps w_i = qv_i sum_j kv_j S_ij and
+// u_j = kv_j sum_i qv_i S_ij (below): w and u are linear in S, so it does not pass through the
+// softmax and is not times P (it is there where P = 0, on an empty row too). Both masks are
+// applied here, so gw and gu may come masked or not.
+//
+// The pooled score maps (ska_score_maps), per (b, h), by their closed forms (no S):
+//     ksum = sum_j kv_j k_j      qsum = sum_i qv_i q_i
+//     w_i = qv_i (scale q_i . ksum + sum_j kv_j bias_ij)      u_j = kv_j (scale qsum . k_j + sum_i qv_i bias_ij)
+// and, for each side (x = w against t = teacher_width, x = u against t = teacher_height) whose
+// teacher is given, with n(y) = y / max(||y||, 1e-12) when normalizing, else n(y) = y:
+//     r = ReLU(n(t) - n(x))     d_x = ||r||     dist = d_w + d_u (0 for a side with no teacher)
+//     g_n = -r / d_x (0 when d_x = 0)
+//     grad_x = normalize ? (||x|| > 1e-12 ? (g_n - n(x) (n(x) . g_n)) / ||x|| : g_n / 1e-12) : g_n
+// times qv (for w) or kv (for u): the gradient of dist[b, h] itself, not of the mean the loss
+// takes (the caller scales it). Padded positions hold 0 in width, height and grad_*.
 //
 // Design (fp32 scalar FMAs from shared memory, no tensor cores; no [B, H, Lq, Lk] scratch):
 //  * Every kernel but the Delta dot runs 128 threads = 4 warps. A warp is 4 "row groups" of 8
@@ -45,6 +62,20 @@
 //    exactly one CTA), added atomically into a fp32 [1, H, Lq, Lk] buffer when the bias is
 //    broadcast; dk of a key bank (Bk == 1 < B) likewise goes atomically into a fp32 [1, H, Lk, D]
 //    buffer. fp32 buffers are cast to the output dtype at the end (a no-op for float32).
+//    The gw, gu terms (gw of the tile's rows and gu of the CTA's keys in shared memory, next to
+//    lse, delta and G) are added to the dS tile by the lanes that wrote it, before dbias is
+//    stored and dq, dk read it; without them that short pass is skipped.
+//  * Score maps (ska_maps_kernel): one CTA of 256 threads per (b, h). The work per (b, h) is
+//    O((Lq + Lk) D + Lq Lk), too little to split, and a single owner per output is what makes the
+//    op deterministic without atomics. The head dim goes in chunks of 128 columns: that chunk of
+//    ksum and qsum (column sums: a warp per row, 4 columns per lane so the reads coalesce, the 8
+//    warps' partials added in shared memory in warp order), then each q and k row's dot with it (a
+//    warp per row, shuffle sum) added into width and height in global memory, which serve as the
+//    accumulators (an element is only touched by one thread between two __syncthreads). The bias
+//    is read twice: row sums (a warp per row) and column sums (as for ksum, 128 columns at a time).
+//    The loss per side: two block reductions (||x||^2 and ||t||^2; then ||r||^2 and n(x) . r,
+//    which gives n(x) . g_n) and an elementwise pass for the gradient. Any L and D: every loop
+//    strides over them.
 //  * exp and log are __expf / __logf (what --use_fast_math makes of them anyway); __expf(-inf)
 //    is +0, which is what makes masked keys and empty rows (lse = +inf) give P = 0, no NaN.
 //    Inputs must be finite apart from -inf entries of the bias.
@@ -68,6 +99,13 @@ constexpr int kThreads = 128;  // 4 warps of 4 row groups of 8 lanes: the layout
 constexpr int kDeltaThreads = 256;  // ska_delta_kernel: a warp per row
 constexpr float kInf = __builtin_huge_valf();
 
+constexpr int kMapThreads = 256;  // ska_maps_kernel: 8 warps
+constexpr int kMapWarps = kMapThreads / 32;
+constexpr int kMapChunk = 128;    // columns per chunk in the maps kernel: 4 per lane
+constexpr float kNormEps = 1e-12f;  // the clamp of the norms (_NORM_EPS of the Python layer)
+static_assert(kMapChunk == 4 * 32 && kMapThreads >= kMapChunk,
+              "map_colsum: 4 columns per lane, a thread per column to add the warps' partials");
+
 enum FwdMode : int {
   kForward = 0,        // out, lse
   kForwardColsum = 1,  // out, lse, then colsum
@@ -89,7 +127,7 @@ struct BwdTiles {
   static constexpr int BM = DP <= 192 ? 32 : 16;
   static constexpr int BN = DP <= 64 ? 64 : (DP <= 128 ? 32 : 16);
   static constexpr int kFloats = 2 * BN * (DP + 4) + 2 * BM * (DP + 4) + 2 * BM * (BN + 4) +
-                                 3 * BM + 2 * BN;  // K, V, Q, dO, P, dS, lse/delta/valid, G/flags
+                                 4 * BM + 3 * BN;  // K, V, Q, dO, P, dS, lse/delta/valid/gw, G/flags/gu
   static constexpr int kBytes = kFloats * 4;
 };
 
@@ -139,6 +177,9 @@ struct BwdParams {
   const float* lse;
   const float* delta;
   const float* gcol;    // null: no grad_colsum
+  const float* gw;      // [B, H, Lq], null: no grad_width
+  const float* gu;      // [B, H, Lk], null: no grad_height
+  bool has_maps;        // gw or gu given
   float* dq;            // fp32 [B, H, Lq, D], zeroed, atomics
   T* dk;                // direct store (dk_atomic false)
   float* dk32;          // fp32 [1, H, Lk, D], zeroed, atomics (dk_atomic true)
@@ -151,6 +192,27 @@ struct BwdParams {
   float scale;
   bool dk_atomic;
   int dbias_mode;  // 0 none, 1 store, 2 atomic
+};
+
+template <typename T>
+struct MapParams {
+  const T* q;
+  const T* k;
+  const T* bias;      // null: no bias
+  const bool* kpm;    // [B, Lk], null: no key padding
+  const bool* qpm;    // [B, Lq], null: every query valid
+  const float* tw;    // [B, H, Lq], null: no teacher width
+  const float* th;    // [B, H, Lk], null: no teacher height
+  float* width;       // [B, H, Lq]
+  float* height;      // [B, H, Lk]
+  float* dist;        // [B, H]
+  float* gw;          // [B, H, Lq] (with tw)
+  float* gu;          // [B, H, Lk] (with th)
+  int64_t k_bstride;
+  int64_t bias_bstride;
+  int H, Lq, Lk, D;
+  float scale;
+  bool normalize;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -489,8 +551,10 @@ __global__ void __launch_bounds__(kThreads) ska_bwd_kernel(const BwdParams<T> p)
   float* lse_s = Ss + BM * PS;                  // [BM]
   float* delta_s = lse_s + BM;                  // [BM]
   float* valid_s = delta_s + BM;                // [BM]
-  float* G_s = valid_s + BM;                    // [BN]
+  float* gw_s = valid_s + BM;                   // [BM]  grad_width
+  float* G_s = gw_s + BM;                       // [BN]
   float* flags = G_s + BN;                      // [BN]
+  float* gu_s = flags + BN;                     // [BN]  grad_height
 
   const Lanes L = lanes();
   const int b = blockIdx.z, h = blockIdx.y, n0 = blockIdx.x * BN;
@@ -503,8 +567,10 @@ __global__ void __launch_bounds__(kThreads) ska_bwd_kernel(const BwdParams<T> p)
   load_tile<T, BN, DP>(Vs, p.v + (bh * Lk + n0) * D, Lk - n0, D);
   load_key_flags<BN>(flags, p.kpm == nullptr ? nullptr : p.kpm + static_cast<int64_t>(b) * Lk,
                      n0, Lk);
-  for (int c = L.tid; c < BN; c += kThreads)
+  for (int c = L.tid; c < BN; c += kThreads) {
     G_s[c] = (p.gcol != nullptr && n0 + c < Lk) ? p.gcol[bh * Lk + n0 + c] : 0.f;
+    gu_s[c] = (p.gu != nullptr && n0 + c < Lk) ? p.gu[bh * Lk + n0 + c] : 0.f;
+  }
 
   float dk[TK][NC][4], dv[TK][NC][4];
 #pragma unroll
@@ -526,10 +592,20 @@ __global__ void __launch_bounds__(kThreads) ska_bwd_kernel(const BwdParams<T> p)
       delta_s[r] = in ? p.delta[row] : 0.f;
       valid_s[r] = (in && (p.qpm == nullptr || !p.qpm[static_cast<int64_t>(b) * Lq + m0 + r]))
                        ? 1.f : 0.f;
+      gw_s[r] = (in && p.gw != nullptr) ? p.gw[row] : 0.f;
     }
     __syncthreads();
 
     // S and dP of the tile, then P and dS into shared memory (and dbias out).
+    const auto store_dbias = [&](int r, int c, float ds) {
+      if (p.dbias_mode != 0 && r < rows_left && n0 + c < Lk) {
+        const int64_t idx = bias_off + static_cast<int64_t>(m0 + r) * Lk + n0 + c;
+        if (p.dbias_mode == 1)
+          p.dbias[idx] = static_cast<T>(ds);  // this CTA is the only writer of (m, n)
+        else if (ds != 0.f)
+          atomicAdd(p.dbias32 + idx, ds);  // bias_bstride = 0: summed over b
+      }
+    };
     {
       float s[TM][TN], dp[TM][TN];
       dot_tile<KS, TM, TN>(Qs, Ks, D4, L.ty, L.tx, s);
@@ -550,13 +626,26 @@ __global__ void __launch_bounds__(kThreads) ska_bwd_kernel(const BwdParams<T> p)
           }
           Ps[r * PS + c] = pr;
           Ss[r * PS + c] = ds;
-          if (p.dbias_mode != 0 && r < rows_left && n0 + c < Lk) {
-            const int64_t idx = bias_off + static_cast<int64_t>(m0 + r) * Lk + n0 + c;
-            if (p.dbias_mode == 1)
-              p.dbias[idx] = static_cast<T>(ds);  // this CTA is the only writer of (m, n)
-            else if (ds != 0.f)
-              atomicAdd(p.dbias32 + idx, ds);  // bias_bstride = 0: summed over b
-          }
+          if (!p.has_maps) store_dbias(r, c, ds);
+        }
+      }
+    }
+    // The score maps' term, in a pass of its own once s and dp are dead, not unrolled: in the loop
+    // above, or unrolled, it made ptxas spill in some instances on sm_90, which slowed the plain
+    // backward too.
+    // Each lane revisits the elements it wrote, so no sync is needed. Not times P, so present
+    // where P = 0 as well (masked keys, empty rows). Past Lq or Lk, flags, valid_s, gw_s and gu_s
+    // are all 0: dS stays 0 there, as the dq and dk sums over the whole tile need.
+    if (p.has_maps) {
+#pragma unroll 1
+      for (int i = 0; i < TM; ++i) {
+        const int r = L.ty * TM + i;
+#pragma unroll 1
+        for (int j = 0; j < TN; ++j) {
+          const int c = L.tx + 8 * j;
+          const float ds = Ss[r * PS + c] + valid_s[r] * flags[c] * (gw_s[r] + gu_s[c]);
+          Ss[r * PS + c] = ds;
+          store_dbias(r, c, ds);
         }
       }
     }
@@ -658,6 +747,207 @@ __global__ void __launch_bounds__(kThreads) ska_bwd_kernel(const BwdParams<T> p)
 }
 
 // ---------------------------------------------------------------------------------------------
+// Score maps (ska_score_maps)
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// a and b summed over the CTA, the same bits in every thread (each adds the warps' partials in
+// warp order), so that every thread takes the same branches on them. red: 2 kMapWarps floats,
+// free again on return.
+__device__ __forceinline__ void block_sum2(float& a, float& b, float* red) {
+  a = warp_sum(a);
+  b = warp_sum(b);
+  const int warp = threadIdx.x >> 5;
+  if ((threadIdx.x & 31) == 0) {
+    red[2 * warp] = a;
+    red[2 * warp + 1] = b;
+  }
+  __syncthreads();
+  a = 0.f;
+  b = 0.f;
+#pragma unroll
+  for (int w = 0; w < kMapWarps; ++w) {
+    a += red[2 * w];
+    b += red[2 * w + 1];
+  }
+  __syncthreads();
+}
+
+// out[c] = sum over the rows r < R that are not padded (pad null: none is) of A[r ld + c0 + c],
+// for c < kMapChunk (0 where c0 + c >= C). A warp per row, 4 columns per lane; the warps' partials
+// are added in warp order (deterministic). red: kMapWarps * kMapChunk floats. Ends synced, so
+// out is readable by every thread and red is free again.
+template <typename T>
+__device__ __forceinline__ void map_colsum(const T* __restrict__ A, int R, int64_t ld, int C, int c0,
+                           const bool* __restrict__ pad, float* red, float* out) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int r = warp; r < R; r += kMapWarps) {
+    if (pad != nullptr && pad[r]) continue;
+    const T* row = A + static_cast<int64_t>(r) * ld + c0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (c0 + lane + 32 * e < C) acc[e] += static_cast<float>(row[lane + 32 * e]);
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) red[warp * kMapChunk + lane + 32 * e] = acc[e];
+  __syncthreads();
+  if (threadIdx.x < kMapChunk) {
+    float t = 0.f;
+#pragma unroll
+    for (int w = 0; w < kMapWarps; ++w) t += red[w * kMapChunk + threadIdx.x];
+    out[threadIdx.x] = t;
+  }
+  __syncthreads();
+}
+
+// out[r] += sum_{c in [c0, c1)} A[r ld + c] vec[c - c0] for the rows r < R that are not padded:
+// a warp per row, r = warp + kMapWarps n, so that a row always has the same writer (lane 0).
+template <typename T>
+__device__ __forceinline__ void map_rowdot(const T* __restrict__ A, int R, int64_t ld, int c0,
+                                           int c1, const bool* __restrict__ pad,
+                                           const float* vec, float* out) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int r = warp; r < R; r += kMapWarps) {
+    if (pad != nullptr && pad[r]) continue;  // uniform over the warp
+    const T* row = A + static_cast<int64_t>(r) * ld;
+    float t = 0.f;
+    for (int c = c0 + lane; c < c1; c += 32) t += static_cast<float>(row[c]) * vec[c - c0];
+    t = warp_sum(t);
+    if (lane == 0) out[r] += t;
+  }
+}
+
+// d = ||ReLU(n(t) - n(x))|| over L, and g = dd/dx times the mask (0 at padded positions). x is
+// this CTA's width or height (global, written before the caller's __syncthreads). Every thread
+// returns the same d.
+__device__ __forceinline__ float map_distance(const float* x, const float* __restrict__ t, int L,
+                              const bool* __restrict__ pad, bool normalize, float* __restrict__ g,
+                              float* red) {
+  float nrm_x = 1.f, den_x = 1.f, den_t = 1.f;
+  if (normalize) {
+    float sx = 0.f, st = 0.f;
+    for (int i = threadIdx.x; i < L; i += kMapThreads) {
+      sx += x[i] * x[i];
+      st += t[i] * t[i];
+    }
+    block_sum2(sx, st, red);
+    nrm_x = sqrtf(sx);
+    den_x = fmaxf(nrm_x, kNormEps);
+    den_t = fmaxf(sqrtf(st), kNormEps);
+  }
+  // ||r||^2 and n(x) . r: the latter gives n(x) . g_n = -(n(x) . r) / d without another sweep
+  float sr = 0.f, sxr = 0.f;
+  for (int i = threadIdx.x; i < L; i += kMapThreads) {
+    const float nx = x[i] / den_x;
+    const float r = fmaxf(t[i] / den_t - nx, 0.f);
+    sr += r * r;
+    sxr += nx * r;
+  }
+  block_sum2(sr, sxr, red);
+  const float d = sqrtf(sr);
+  const float inv_d = d > 0.f ? 1.f / d : 0.f;  // d = 0: r = 0 everywhere, g_n = 0
+  const float nx_gn = -sxr * inv_d;
+  for (int i = threadIdx.x; i < L; i += kMapThreads) {
+    float gx = 0.f;
+    if (pad == nullptr || !pad[i]) {
+      const float nx = x[i] / den_x;
+      const float gn = -fmaxf(t[i] / den_t - nx, 0.f) * inv_d;
+      if (!normalize)
+        gx = gn;
+      else if (nrm_x > kNormEps)  // through x / ||x||: the projection off n(x)
+        gx = (gn - nx * nx_gn) / nrm_x;
+      else  // through x / 1e-12 (the clamped norm is a constant)
+        gx = gn / kNormEps;
+    }
+    g[i] = gx;
+  }
+  return d;
+}
+
+// One CTA per (b = blockIdx.y, h = blockIdx.x). See the header for the maths and the layout.
+// The bound of 4 CTAs per SM (64 registers): with the plain bound, ptxas (CUDA 13) squeezed it into
+// 40 registers and spilled.
+template <typename T>
+__global__ void __launch_bounds__(kMapThreads, 4) ska_maps_kernel(const MapParams<T> p) {
+  __shared__ float red[kMapWarps * kMapChunk];
+  __shared__ float ksum[kMapChunk];  // the chunk's ksum; then the bias column sums
+  __shared__ float qsum[kMapChunk];
+  __shared__ float red2[2 * kMapWarps];
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int b = blockIdx.y, h = blockIdx.x;
+  const int64_t bh = static_cast<int64_t>(b) * p.H + h;
+  const int Lq = p.Lq, Lk = p.Lk, D = p.D;
+  const float scale = p.scale;
+  const T* qb = p.q + bh * Lq * D;
+  const T* kb = p.k + b * p.k_bstride + static_cast<int64_t>(h) * Lk * D;
+  const T* bb = p.bias == nullptr
+                    ? nullptr
+                    : p.bias + b * p.bias_bstride + static_cast<int64_t>(h) * Lq * Lk;
+  const bool* qpm_b = p.qpm == nullptr ? nullptr : p.qpm + static_cast<int64_t>(b) * Lq;
+  const bool* kpm_b = p.kpm == nullptr ? nullptr : p.kpm + static_cast<int64_t>(b) * Lk;
+  float* w = p.width + bh * Lq;
+  float* u = p.height + bh * Lk;
+
+  // w_i = q_i . ksum, u_j = k_j . qsum, accumulated chunk by chunk of the head dim (padded rows
+  // are skipped and stay 0). The zeros are ordered before the first update by the __syncthreads
+  // in map_colsum; the chunk's ksum, qsum are rewritten only after the next chunk's first one.
+  for (int i = tid; i < Lq; i += kMapThreads) w[i] = 0.f;
+  for (int j = tid; j < Lk; j += kMapThreads) u[j] = 0.f;
+  for (int d0 = 0; d0 < D; d0 += kMapChunk) {
+    map_colsum<T>(kb, Lk, D, D, d0, kpm_b, red, ksum);
+    map_colsum<T>(qb, Lq, D, D, d0, qpm_b, red, qsum);
+    const int d1 = min(D, d0 + kMapChunk);
+    map_rowdot<T>(qb, Lq, D, d0, d1, qpm_b, ksum, w);
+    map_rowdot<T>(kb, Lk, D, d0, d1, kpm_b, qsum, u);
+  }
+  __syncthreads();  // w and u change hands below
+
+  // w_i = qv_i (scale w_i + sum_j kv_j bias_ij): a warp per row, as above.
+  for (int i = warp; i < Lq; i += kMapWarps) {
+    if (qpm_b != nullptr && qpm_b[i]) {  // uniform over the warp
+      if (lane == 0) w[i] = 0.f;
+      continue;
+    }
+    float t = 0.f;
+    if (bb != nullptr) {
+      const T* row = bb + static_cast<int64_t>(i) * Lk;
+      for (int j = lane; j < Lk; j += 32)
+        if (kpm_b == nullptr || !kpm_b[j]) t += static_cast<float>(row[j]);
+      t = warp_sum(t);
+    }
+    if (lane == 0) w[i] = scale * w[i] + t;
+  }
+  // u_j = kv_j (scale u_j + sum_i qv_i bias_ij): column sums of the bias, 128 columns at a time;
+  // thread c of the chunk owns u[c0 + c] (its earlier writers are past map_colsum's syncs).
+  if (bb != nullptr) {
+    for (int c0 = 0; c0 < Lk; c0 += kMapChunk) {
+      map_colsum<T>(bb, Lq, Lk, Lk, c0, qpm_b, red, ksum);
+      const int j = c0 + tid;
+      if (tid < kMapChunk && j < Lk)
+        u[j] = (kpm_b == nullptr || !kpm_b[j]) ? scale * u[j] + ksum[tid] : 0.f;
+    }
+  } else {
+    for (int j = tid; j < Lk; j += kMapThreads)
+      u[j] = (kpm_b == nullptr || !kpm_b[j]) ? scale * u[j] : 0.f;
+  }
+  __syncthreads();  // w and u complete, read by every thread below
+
+  float dist = 0.f;
+  if (p.tw != nullptr)
+    dist += map_distance(w, p.tw + bh * Lq, Lq, qpm_b, p.normalize, p.gw + bh * Lq, red2);
+  if (p.th != nullptr)
+    dist += map_distance(u, p.th + bh * Lk, Lk, kpm_b, p.normalize, p.gu + bh * Lk, red2);
+  if (tid == 0) p.dist[bh] = dist;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
 
@@ -739,6 +1029,18 @@ struct Shapes {
   int64_t B, H, Lq, Lk, D, Bk, Bb;
 };
 
+// The sizes every parameter block carries; k and bias have batch stride 0 when broadcast.
+template <typename P>
+void set_dims(P& p, const Shapes& s, double scale) {
+  p.k_bstride = s.Bk == 1 ? 0 : s.H * s.Lk * s.D;
+  p.bias_bstride = s.Bb == 1 ? 0 : s.H * s.Lq * s.Lk;
+  p.H = static_cast<int>(s.H);
+  p.Lq = static_cast<int>(s.Lq);
+  p.Lk = static_cast<int>(s.Lk);
+  p.D = static_cast<int>(s.D);
+  p.scale = static_cast<float>(scale);
+}
+
 void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t dim) {
   TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "mmcl_fast: ska: ", name,
               " must be on ", q.device(), ", got ", t.device());
@@ -747,26 +1049,38 @@ void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& q, in
   TORCH_CHECK(t.is_contiguous(), "mmcl_fast: ska: ", name, " must be contiguous");
 }
 
-Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+// v: null for the score maps, which do not read it (and take any head dim).
+Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
                     const std::optional<at::Tensor>& bias,
                     const std::optional<at::Tensor>& key_padding_mask,
                     const std::optional<at::Tensor>& query_padding_mask) {
   check_tensor(q, "q", q, 4);
-  check_tensor(k, "k", k, 4);
-  check_tensor(v, "v", v, 4);
+  check_tensor(k, "k", q, 4);
+  if (v != nullptr) check_tensor(*v, "v", q, 4);
   const at::ScalarType dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
               "mmcl_fast: ska: the CUDA kernel takes float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt,
-              "mmcl_fast: ska: q, k and v must share one dtype");
+  if (v != nullptr) {
+    TORCH_CHECK(k.scalar_type() == dt && v->scalar_type() == dt,
+                "mmcl_fast: ska: q, k and v must share one dtype");
+  } else {
+    TORCH_CHECK(k.scalar_type() == dt, "mmcl_fast: ska: q and k must share one dtype");
+  }
   Shapes s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), k.size(0), 0};
   TORCH_CHECK(s.B >= 1 && s.H >= 1 && s.Lq >= 1 && s.Lk >= 1, "mmcl_fast: ska: empty q or k, ",
               q.sizes(), " and ", k.sizes());
-  TORCH_CHECK(s.D >= 1 && s.D <= 256, "mmcl_fast: ska: head dim must be in 1..256, got ", s.D);
+  if (v != nullptr) {
+    TORCH_CHECK(s.D >= 1 && s.D <= 256, "mmcl_fast: ska: head dim must be in 1..256, got ", s.D);
+  } else {
+    TORCH_CHECK(s.D >= 1 && s.D <= INT32_MAX / 2, "mmcl_fast: ska: head dim must be >= 1, got ",
+                s.D);
+  }
   TORCH_CHECK((s.Bk == 1 || s.Bk == s.B) && k.size(1) == s.H && k.size(3) == s.D,
               "mmcl_fast: ska: k must be [1 or B, H, Lk, D], got ", k.sizes(), " for q ", q.sizes());
-  TORCH_CHECK(v.size(0) == s.B && v.size(1) == s.H && v.size(2) == s.Lk && v.size(3) == s.D,
-              "mmcl_fast: ska: v must be [B, H, Lk, D], got ", v.sizes());
+  if (v != nullptr) {
+    TORCH_CHECK(v->size(0) == s.B && v->size(1) == s.H && v->size(2) == s.Lk && v->size(3) == s.D,
+                "mmcl_fast: ska: v must be [B, H, Lk, D], got ", v->sizes());
+  }
   TORCH_CHECK(s.B <= 65535 && s.H <= 65535, "mmcl_fast: ska: B and H must be <= 65535");
   TORCH_CHECK(s.Lq <= INT32_MAX / 2 && s.Lk <= INT32_MAX / 2, "mmcl_fast: ska: sequence too long");
   if (bias.has_value()) {
@@ -794,6 +1108,18 @@ Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   return s;
 }
 
+// A per-(b, h) map argument (grad_width, grad_height, teacher_width, teacher_height): float32
+// [B, H, L], contiguous, on q's device, or absent.
+void check_map_arg(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& q,
+                   int64_t B, int64_t H, int64_t L, const char* L_name) {
+  if (!t.has_value()) return;
+  check_tensor(*t, name, q, 3);
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->size(0) == B && t->size(1) == H &&
+                  t->size(2) == L,
+              "mmcl_fast: ska: ", name, " must be [B, H, ", L_name, "] = [", B, ", ", H, ", ", L,
+              "] float32, got ", t->scalar_type(), " ", t->sizes());
+}
+
 template <typename T>
 const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
@@ -805,7 +1131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ska_forward_cuda(
     const std::optional<at::Tensor>& query_padding_mask, double scale, bool need_colsum) {
   TORCH_CHECK(q.is_cuda(), "mmcl_fast: ska_forward: q must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(q.device());
-  const Shapes s = check_inputs(q, k, v, bias, key_padding_mask, query_padding_mask);
+  const Shapes s = check_inputs(q, k, &v, bias, key_padding_mask, query_padding_mask);
   const at::TensorOptions f32 = q.options().dtype(at::kFloat);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({s.B, s.H, s.Lq}, f32);
@@ -824,13 +1150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ska_forward_cuda(
     p.colsum = need_colsum ? colsum.data_ptr<float>() : nullptr;
     p.gcol = nullptr;
     p.delta = nullptr;
-    p.k_bstride = s.Bk == 1 ? 0 : s.H * s.Lk * s.D;
-    p.bias_bstride = s.Bb == 1 ? 0 : s.H * s.Lq * s.Lk;
-    p.H = static_cast<int>(s.H);
-    p.Lq = static_cast<int>(s.Lq);
-    p.Lk = static_cast<int>(s.Lk);
-    p.D = static_cast<int>(s.D);
-    p.scale = static_cast<float>(scale);
+    set_dims(p, s, scale);
     p.mode = need_colsum ? kForwardColsum : kForward;
     dispatch_fwd<scalar_t>(p, static_cast<int>(s.B), stream);
   });
@@ -841,11 +1161,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& query_padding_mask, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& grad_colsum, double scale,
-    bool need_dbias) {
+    const at::Tensor& lse, const std::optional<at::Tensor>& grad_colsum,
+    const std::optional<at::Tensor>& grad_width, const std::optional<at::Tensor>& grad_height,
+    double scale, bool need_dbias) {
   TORCH_CHECK(q.is_cuda(), "mmcl_fast: ska_backward: q must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(q.device());
-  const Shapes s = check_inputs(q, k, v, bias, key_padding_mask, query_padding_mask);
+  const Shapes s = check_inputs(q, k, &v, bias, key_padding_mask, query_padding_mask);
   TORCH_CHECK(!need_dbias || bias.has_value(), "mmcl_fast: ska_backward: need_dbias without a bias");
   // Autograd may hand a non-contiguous (e.g. expanded) gradient: made contiguous, not rejected.
   const at::Tensor dout = grad_out.contiguous();
@@ -868,6 +1189,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_backward_cuda(
     TORCH_CHECK(gcol.size(0) == s.B && gcol.size(1) == s.H && gcol.size(2) == s.Lk,
                 "mmcl_fast: ska_backward: grad_colsum must be [B, H, Lk], got ", gcol.sizes());
   }
+  check_map_arg(grad_width, "grad_width", q, s.B, s.H, s.Lq, "Lq");
+  check_map_arg(grad_height, "grad_height", q, s.B, s.H, s.Lk, "Lk");
 
   const at::TensorOptions f32 = q.options().dtype(at::kFloat);
   const bool dk_atomic = s.Bk == 1 && s.B > 1;
@@ -893,8 +1216,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_backward_cuda(
                                            out.const_data_ptr<scalar_t>(),
                                            delta.data_ptr<float>(), rows, static_cast<int>(s.D));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t k_bstride = s.Bk == 1 ? 0 : s.H * s.Lk * s.D;
-    const int64_t bias_bstride = s.Bb == 1 ? 0 : s.H * s.Lq * s.Lk;
     if (gcol.defined()) {  // delta += valid * sum_j P G_j: one sweep over the keys
       FwdParams<scalar_t> f{};
       f.q = q.const_data_ptr<scalar_t>();
@@ -908,13 +1229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_backward_cuda(
       f.colsum = nullptr;
       f.gcol = gcol.const_data_ptr<float>();
       f.delta = delta.data_ptr<float>();
-      f.k_bstride = k_bstride;
-      f.bias_bstride = bias_bstride;
-      f.H = static_cast<int>(s.H);
-      f.Lq = static_cast<int>(s.Lq);
-      f.Lk = static_cast<int>(s.Lk);
-      f.D = static_cast<int>(s.D);
-      f.scale = static_cast<float>(scale);
+      set_dims(f, s, scale);
       f.mode = kRowPG;
       dispatch_fwd<scalar_t>(f, static_cast<int>(s.B), stream);
     }
@@ -929,19 +1244,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_backward_cuda(
     p.lse = lse.const_data_ptr<float>();
     p.delta = delta.const_data_ptr<float>();
     p.gcol = gcol.defined() ? gcol.const_data_ptr<float>() : nullptr;
+    p.gw = opt_ptr<float>(grad_width);
+    p.gu = opt_ptr<float>(grad_height);
+    p.has_maps = grad_width.has_value() || grad_height.has_value();
     p.dq = dq32.data_ptr<float>();
     p.dk = dk_atomic ? nullptr : dk.data_ptr<scalar_t>();
     p.dk32 = dk_atomic ? dk.data_ptr<float>() : nullptr;
     p.dv = dv.data_ptr<scalar_t>();
     p.dbias = dbias_mode == 1 ? dbias.data_ptr<scalar_t>() : nullptr;
     p.dbias32 = dbias_mode == 2 ? dbias.data_ptr<float>() : nullptr;
-    p.k_bstride = k_bstride;
-    p.bias_bstride = bias_bstride;
-    p.H = static_cast<int>(s.H);
-    p.Lq = static_cast<int>(s.Lq);
-    p.Lk = static_cast<int>(s.Lk);
-    p.D = static_cast<int>(s.D);
-    p.scale = static_cast<float>(scale);
+    set_dims(p, s, scale);
     p.dk_atomic = dk_atomic;
     p.dbias_mode = dbias_mode;
     dispatch_bwd<scalar_t>(p, static_cast<int>(s.B), stream);
@@ -953,11 +1265,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_backward_cuda(
   return {dq, dk, dv, dbias};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_score_maps_cuda(
+    const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& query_padding_mask,
+    const std::optional<at::Tensor>& teacher_width,
+    const std::optional<at::Tensor>& teacher_height, double scale, bool normalize) {
+  TORCH_CHECK(q.is_cuda(), "mmcl_fast: ska_score_maps: q must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const Shapes s = check_inputs(q, k, nullptr, bias, key_padding_mask, query_padding_mask);
+  check_map_arg(teacher_width, "teacher_width", q, s.B, s.H, s.Lq, "Lq");
+  check_map_arg(teacher_height, "teacher_height", q, s.B, s.H, s.Lk, "Lk");
+  const at::TensorOptions f32 = q.options().dtype(at::kFloat);
+  at::Tensor width = at::empty({s.B, s.H, s.Lq}, f32);
+  at::Tensor height = at::empty({s.B, s.H, s.Lk}, f32);
+  at::Tensor dist = at::empty({s.B, s.H}, f32);  // every element written by the kernel
+  at::Tensor gw = teacher_width.has_value() ? at::empty({s.B, s.H, s.Lq}, f32) : at::empty({0}, f32);
+  at::Tensor gu = teacher_height.has_value() ? at::empty({s.B, s.H, s.Lk}, f32) : at::empty({0}, f32);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  MMCL_SKA_DISPATCH(q.scalar_type(), "ska_score_maps_cuda", [&] {
+    MapParams<scalar_t> p{};
+    p.q = q.const_data_ptr<scalar_t>();
+    p.k = k.const_data_ptr<scalar_t>();
+    p.bias = opt_ptr<scalar_t>(bias);
+    p.kpm = opt_ptr<bool>(key_padding_mask);
+    p.qpm = opt_ptr<bool>(query_padding_mask);
+    p.tw = opt_ptr<float>(teacher_width);
+    p.th = opt_ptr<float>(teacher_height);
+    p.width = width.data_ptr<float>();
+    p.height = height.data_ptr<float>();
+    p.dist = dist.data_ptr<float>();
+    p.gw = teacher_width.has_value() ? gw.data_ptr<float>() : nullptr;
+    p.gu = teacher_height.has_value() ? gu.data_ptr<float>() : nullptr;
+    set_dims(p, s, scale);
+    p.normalize = normalize;
+    const dim3 grid(static_cast<unsigned>(s.H), static_cast<unsigned>(s.B));  // <= 65535 each
+    ska_maps_kernel<scalar_t><<<grid, kMapThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {width, height, dist, gw, gu};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mmcl_fast, CUDA, m) {
   m.impl("ska_forward", &ska_forward_cuda);
   m.impl("ska_backward", &ska_backward_cuda);
+  m.impl("ska_score_maps", &ska_score_maps_cuda);
 }
 
 }  // namespace mmcl_fast

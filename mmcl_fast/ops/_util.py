@@ -31,3 +31,11 @@ def checking_values() -> bool:
     in eager mode; under torch.compile they are skipped (the kernels still refuse out-of-range
     ids: the C++ kernels raise, the CUDA kernels assert)."""
     return not torch.compiler.is_compiling()
+
+
+def refuse_double_backward(ctx, op: str) -> None:
+    """The backward kernels have no backward of their own: refuse create_graph=True (it would
+    silently give zero second derivatives) instead of answering wrong."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ctx.saved_tensors):
+        raise RuntimeError(f"mmcl_fast.{op}: the kernel backends are differentiable once; for "
+                           "create_graph=True (double backward) use the reference backend")

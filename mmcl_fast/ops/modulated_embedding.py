@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from .. import backend as _backend
-from ._util import acc_dtype, checking_values, has_op, shape_str
+from ._util import acc_dtype, checking_values, has_op, refuse_double_backward, shape_str
 
 _GPU_PREFERENCE = ("cuda", "triton")
 
@@ -173,16 +173,8 @@ def _emb_setup_context(ctx, inputs, output):
     ctx.logits_dtype = None if gate_logits is None else gate_logits.dtype
 
 
-def _once_differentiable(ctx, op: str) -> None:
-    """The backward kernels have no backward of their own: refuse create_graph=True (it would
-    silently give zero second derivatives) instead of answering wrong."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ctx.saved_tensors):
-        raise RuntimeError(f"mmcl_fast.{op}: the kernel backends are differentiable once; for "
-                           "create_graph=True (double backward) use the reference backend")
-
-
 def _emb_grads(ctx, backward_op, grad_out, sparse, want_tables):
-    _once_differentiable(ctx, "modulated_embedding")
+    refuse_double_backward(ctx, "modulated_embedding")
     tables, index, gamma, beta, gates = ctx.saved_tensors
     if grad_out is None:
         grad_out = tables.new_zeros((index.shape[0], tables.shape[2]))
@@ -354,7 +346,7 @@ def _interp_setup_context(ctx, inputs, output):
 
 def _make_interp_backward(backward_op):
     def _backward(ctx, grad_outs, grad_norms):
-        _once_differentiable(ctx, "interpolate_weights")
+        refuse_double_backward(ctx, "interpolate_weights")
         sigma, norms, *new = ctx.saved_tensors
         grads = [torch.zeros_like(w) if g is None else g.contiguous() for g, w in zip(grad_outs, new)]
         grad_new, grad_sigma = backward_op(grads, new, sigma, norms, ctx.i, ctx.eps)
@@ -479,7 +471,7 @@ def _anchor_setup_context(ctx, inputs, output):
 
 def _make_anchor_backward(backward_op):
     def _backward(ctx, grad):
-        _once_differentiable(ctx, "anchor_penalty")
+        refuse_double_backward(ctx, "anchor_penalty")
         saved = ctx.saved_tensors
         K = ctx.K
         params, anchors, ws = list(saved[:K]), list(saved[K:2 * K]), iter(saved[2 * K:])

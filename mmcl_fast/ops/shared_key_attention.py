@@ -19,8 +19,9 @@ Asymmetric ReLU distillation against a teacher's maps, n(x) = x / max(||x||, 1e-
 Nothing of size [B, H, Lq, Lk] is materialised outside the reference backend: attention runs
 flash-style in the kernels (online softmax, lse saved, P recomputed in the backward); in "scores"
 space the maps have closed forms, w_i = scale q_i.(sum_j valid k_j) + sum_j valid bias_ij and
-u_j = scale (sum_i valid q_i).k_j + sum_i valid bias_ij, O((Lq + Lk) D) with their gradients by
-autograd; in "probs" space the height map is the column sum of P that the kernels accumulate, and
+u_j = scale (sum_i valid q_i).k_j + sum_i valid bias_ij, O((Lq + Lk) D), computed with the loss
+per (b, h) and its gradient by one kernel (ska_score_maps); the gradient enters the attention
+backward as dS_ij += qv_i kv_j (dL/dw_i + dL/du_j), so the loss costs no extra pass; in "probs" space the height map is the column sum of P that the kernels accumulate, and
 its gradient G_j enters the kernels' backward as dS = P (dP + G - rowsum(P (dP + G))).
 
 The reference backend (plain PyTorch, the spec) materialises S and P, as the seed code does.
@@ -33,7 +34,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import backend as _backend
-from ._util import acc_dtype
+from ._util import acc_dtype, refuse_double_backward
 from ._util import has_op as _has_op
 from ._util import shape_str as _shape
 
@@ -259,135 +260,70 @@ def _closed_form_maps(q, k, bias, key_padding_mask, query_padding_mask, scale, w
     return width, height
 
 
-# -- the "scores" loss in one autograd node -------------------------------------------------------
-def _map_loss_forward(x, t, normalize):
-    """d = ||ReLU(n(t) - n(x))|| per row, and what the backward needs."""
-    nrm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    nx = x / nrm.clamp_min(_NORM_EPS) if normalize else x
-    nt = _normalise(t.to(x.dtype), normalize)
-    r = torch.relu(nt - nx)
-    d = torch.linalg.vector_norm(r, dim=-1)
-    return d, (nrm, nx, r, d)
+# -- the "scores" loss fused into the kernels ----------------------------------------------------
+class _FusedScoresDistill(torch.autograd.Function):
+    """(out, loss) in "scores" space through three kernels: the attention forward, the pooled maps
+    with the loss per (b, h) and its gradient (ska_score_maps: dist, gw = d dist/dw, gu likewise),
+    and the attention backward, which adds the maps' gradient to dS:
 
+        loss = mean_(b, h) dist,    dS_ij += qv_i kv_j (gw_i + gu_j) g / (B H)
 
-def _map_loss_backward(gd, saved, normalize):
-    """dL/dx from dL/dd (gd [B, H]): d = ||r||, r = ReLU(nt - nx), nx = x / max(||x||, eps)."""
-    nrm, nx, r, d = saved
-    g_nx = -r * (gd / torch.where(d > 0, d, torch.ones_like(d))).unsqueeze(-1)  # 0 where d = 0
-    if not normalize:
-        return g_nx
-    # through x / max(||x||, eps): the projection off nx where ||x|| > eps, 1/eps where clamped
-    big = nrm > _NORM_EPS
-    proj = (g_nx - nx * (nx * g_nx).sum(-1, keepdim=True)) / torch.where(big, nrm, torch.ones_like(nrm))
-    return torch.where(big, proj, g_nx / _NORM_EPS)
-
-
-class _ScoresDistill(torch.autograd.Function):
-    """The "scores"-space loss from the closed-form maps, forward and backward written out: a few
-    batched matmuls and vector ops instead of an autograd graph of ~60 small ops (the loss term
-    was most of the step's time on a GPU, where each op is a launch).
-
-        w_i = (scale q_i.ksum + sum_j bias_ij kv_j) qv_i,     ksum = sum_j kv_j k_j
-        u_j = (scale qsum.k_j + sum_i qv_i bias_ij) kv_j,     qsum = sum_i qv_i q_i
-        dq_i   = scale gw_i ksum + qv_i scale sum_j gu_j k_j
-        dk_j   = kv_j scale sum_i gw_i q_i + scale gu_j qsum          (summed over b for a bank)
-        dbias_ij = gw_i kv_j + qv_i gu_j                                 (summed over b if broadcast)
-    with gw = dL/dw qv and gu = dL/du kv (kv, qv: 1 for valid positions)."""
+    (g: the loss's upstream gradient). w and u are linear in S, so that term skips the softmax;
+    dq, dk and dbias take it from dS with the attention's own. Nothing of the loss is left for
+    autograd: one node, a handful of launches per step (the ~60 small ops of the closed forms and
+    the loss were most of a GPU step's time)."""
 
     @staticmethod
-    def forward(ctx, q, k, bias, kpm, qpm, tw, th, scale, normalize):
+    def forward(ctx, q, k, v, bias, kpm, qpm, tw, th, scale, normalize, backend):
+        fwd, _, maps = _kernel_ops(backend)
         acc = acc_dtype(q.dtype)
-        B, H, Lq, D = q.shape
-        qf = q.to(acc)
-        kf = _as_batched(k).to(acc)                                   # [1 or B, H, Lk, D]
-        bf = None if bias is None else _as_batched(bias).to(acc)      # [1 or B, H, Lq, Lk]
-        Lk = kf.shape[2]
-        kv = torch.ones(B, Lk, dtype=acc, device=q.device) if kpm is None else (~kpm).to(acc)
-        qv = torch.ones(B, Lq, dtype=acc, device=q.device) if qpm is None else (~qpm).to(acc)
-        ctx.saved = {}
-        total = torch.zeros(B, H, dtype=acc, device=q.device)
-        ksum = qsum = None
-        if tw is not None:
-            ksum = torch.matmul(kv[:, None, None, :], kf)             # [B, H, 1, D]
-            w = scale * torch.matmul(qf, ksum.transpose(-1, -2)).squeeze(-1)
-            if bf is not None:
-                w = w + torch.matmul(bf, kv[:, None, :, None]).squeeze(-1)
-            w = w * qv[:, None, :]
-            d, ctx.saved["w"] = _map_loss_forward(w, tw, normalize)
-            total = total + d
-        if th is not None:
-            qsum = torch.matmul(qv[:, None, None, :], qf)             # [B, H, 1, D]
-            u = scale * torch.matmul(qsum, kf.transpose(-1, -2)).squeeze(-2)
-            if bf is not None:
-                u = u + torch.matmul(qv[:, None, None, :], bf).squeeze(-2)
-            u = u * kv[:, None, :]
-            d, ctx.saved["u"] = _map_loss_forward(u, th, normalize)
-            total = total + d
-        ctx.save_for_backward(qf, kf, kv, qv, ksum, qsum)
-        ctx.scale, ctx.normalize = scale, normalize
+        q, v = q.contiguous(), v.contiguous()
+        k4 = _as_batched(k).contiguous()
+        b4 = None if bias is None else _as_batched(bias).contiguous()
+        kpm = None if kpm is None else kpm.contiguous()
+        qpm = None if qpm is None else qpm.contiguous()
+        tw = None if tw is None else tw.detach().to(acc).contiguous()
+        th = None if th is None else th.detach().to(acc).contiguous()
+        out, lse, _ = fwd(q, k4, v, b4, kpm, None, scale, False)
+        _, _, dist, gw, gu = maps(q, k4, b4, kpm, qpm, tw, th, scale, normalize)
+        ctx.save_for_backward(q, k4, v, b4, kpm, qpm, out, lse, gw if tw is not None else None,
+                              gu if th is not None else None)
+        ctx.scale, ctx.backend = scale, backend
         ctx.k_shape, ctx.bias_shape = tuple(k.shape), None if bias is None else tuple(bias.shape)
-        ctx.dtypes = (q.dtype, k.dtype, None if bias is None else bias.dtype)
-        return total.mean()
+        return out, dist.mean()
 
     @staticmethod
-    def backward(ctx, g):
-        qf, kf, kv, qv, ksum, qsum = ctx.saved_tensors
-        scale = ctx.scale
-        B, H = qf.shape[:2]
-        gd = (g / (B * H)).expand(B, H)
-        dq = dk = dbias = None
-        need_q, need_k, need_b = ctx.needs_input_grad[:3]
-        shared_k = ctx.k_shape[0] == 1 and B > 1 or len(ctx.k_shape) == 3
-        shared_b = ctx.bias_shape is not None and (len(ctx.bias_shape) == 3 or ctx.bias_shape[0] == 1)
-
-        def add(a, b):
-            return b if a is None else a + b
-
-        # batch-shared k and bias: reduce over b inside einsum (a matmul over h), never through a
-        # [B, H, Lq, Lk] temporary
-        if "w" in ctx.saved:
-            gw = _map_loss_backward(gd, ctx.saved["w"], ctx.normalize) * qv[:, None, :]  # [B, H, Lq]
-            if need_q:
-                dq = scale * gw.unsqueeze(-1) * ksum
-            if need_k:
-                dks = scale * torch.matmul(gw.unsqueeze(-2), qf).squeeze(-2)       # [B, H, D]
-                dk = (torch.einsum("bj,bhd->hjd", kv, dks).unsqueeze(0) if shared_k
-                      else kv[:, None, :, None] * dks.unsqueeze(-2))
-            if need_b:
-                dbias = (torch.einsum("bhi,bj->hij", gw, kv).unsqueeze(0) if shared_b
-                         else gw.unsqueeze(-1) * kv[:, None, None, :])
-        if "u" in ctx.saved:
-            gu = _map_loss_backward(gd, ctx.saved["u"], ctx.normalize) * kv[:, None, :]  # [B, H, Lk]
-            if need_q:
-                dqs = scale * torch.matmul(gu.unsqueeze(-2), kf)                   # [B, H, 1, D]
-                dq = add(dq, qv[:, None, :, None] * dqs)
-            if need_k:
-                dk = add(dk, scale * torch.einsum("bhj,bhd->hjd", gu, qsum.squeeze(-2)).unsqueeze(0)
-                         if shared_k else scale * gu.unsqueeze(-1) * qsum)
-            if need_b:
-                dbias = add(dbias, torch.einsum("bhj,bi->hij", gu, qv).unsqueeze(0) if shared_b
-                            else qv[:, None, :, None] * gu.unsqueeze(-2))
-        q_dtype, k_dtype, b_dtype = ctx.dtypes
-        if dq is not None:
-            dq = dq.to(q_dtype)
-        if dk is not None:
-            dk = dk.reshape(ctx.k_shape).to(k_dtype)
-        if dbias is not None:
-            dbias = dbias.reshape(ctx.bias_shape).to(b_dtype)
-        return dq, dk, dbias, None, None, None, None, None, None
+    def backward(ctx, grad_out, grad_loss):
+        refuse_double_backward(ctx, "shared_key_attention_distill")
+        q, k4, v, b4, kpm, qpm, out, lse, gw, gu = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        if grad_loss is None:
+            gw = gu = None
+        else:
+            c = grad_loss / (q.shape[0] * q.shape[1])
+            gw = None if gw is None else gw * c
+            gu = None if gu is None else gu * c
+        need_dbias = b4 is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = _kernel_ops(ctx.backend)[1](grad_out.contiguous(), q, k4, v, b4, kpm, qpm, out, lse,
+                                                        None, gw, gu, ctx.scale, need_dbias)
+        dbias = dbias.reshape(ctx.bias_shape) if need_dbias else None
+        return dq, dk.reshape(ctx.k_shape), dv, dbias, None, None, None, None, None, None, None
 
 
 # -- the kernels ---------------------------------------------------------------------------------
 def _kernel_ops(backend: str):
+    """(forward, backward, score maps) ops of a kernel backend."""
     if backend == "triton":
         from ..kernels import shared_key_attention as _tk  # noqa: F401  (registers the ops)
 
-        return torch.ops.mmcl_fast.ska_forward_triton, torch.ops.mmcl_fast.ska_backward_triton
-    return torch.ops.mmcl_fast.ska_forward, torch.ops.mmcl_fast.ska_backward
+        return (torch.ops.mmcl_fast.ska_forward_triton, torch.ops.mmcl_fast.ska_backward_triton,
+                torch.ops.mmcl_fast.ska_score_maps_triton)
+    return torch.ops.mmcl_fast.ska_forward, torch.ops.mmcl_fast.ska_backward, torch.ops.mmcl_fast.ska_score_maps
 
 
 def _kernel_forward(backend, q, k, v, bias, key_padding_mask, query_padding_mask, scale, need_colsum):
-    fwd, _ = _kernel_ops(backend)
+    fwd = _kernel_ops(backend)[0]
     k4 = _as_batched(k).contiguous()
     b4 = None if bias is None else _as_batched(bias).contiguous()
     kpm = None if key_padding_mask is None else key_padding_mask.contiguous()
@@ -405,13 +341,14 @@ def _setup_context(ctx, inputs, output):
 
 def _make_backward(backward_op):
     def _backward(ctx, grad_out, grad_lse, grad_colsum):
+        refuse_double_backward(ctx, "shared_key_attention")
         q, k, v, bias, kpm, qpm, out, lse = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         need_dbias = bias is not None and ctx.needs_input_grad[3]
         gc = None if grad_colsum is None or grad_colsum.numel() == 0 else grad_colsum.to(lse.dtype).contiguous()
-        dq, dk, dv, dbias = backward_op(grad_out.contiguous(), q, k, v, bias, kpm, qpm, out, lse, gc,
-                                        ctx.scale, need_dbias)
+        dq, dk, dv, dbias = backward_op(grad_out.contiguous(), q, k, v, bias, kpm, qpm, out, lse, gc, None,
+                                        None, ctx.scale, need_dbias)
         return dq, dk, dv, (dbias if need_dbias else None), None, None, None, None
     return _backward
 
@@ -421,15 +358,19 @@ def _register() -> None:
     module is first imported, see _register_triton)."""
     if not _backend.extension_loaded() or not _has_op("ska_forward"):
         return
-    lib_fwd, lib_bwd = "mmcl_fast::ska_forward", "mmcl_fast::ska_backward"
+    lib_fwd, lib_bwd, lib_maps = "mmcl_fast::ska_forward", "mmcl_fast::ska_backward", "mmcl_fast::ska_score_maps"
 
     @torch.library.register_fake(lib_fwd)
     def _(q, k, v, bias, key_padding_mask, query_padding_mask, scale, need_colsum):
         return _fake_forward(q, k, v, need_colsum)
 
     @torch.library.register_fake(lib_bwd)
-    def _(grad_out, q, k, v, bias, kpm, qpm, out, lse, grad_colsum, scale, need_dbias):
+    def _(grad_out, q, k, v, bias, kpm, qpm, out, lse, grad_colsum, grad_width, grad_height, scale, need_dbias):
         return _fake_backward(q, k, v, bias, need_dbias)
+
+    @torch.library.register_fake(lib_maps)
+    def _(q, k, bias, kpm, qpm, teacher_width, teacher_height, scale, normalize):
+        return _fake_score_maps(q, k, teacher_width, teacher_height)
 
     torch.library.register_autograd(lib_fwd, _make_backward(torch.ops.mmcl_fast.ska_backward),
                                     setup_context=_setup_context)
@@ -441,6 +382,16 @@ def _fake_forward(q, k, v, need_colsum):
     acc = acc_dtype(q.dtype)
     colsum = q.new_empty((B, H, Lk), dtype=acc) if need_colsum else q.new_empty((0,), dtype=acc)
     return torch.empty_like(q), q.new_empty((B, H, Lq), dtype=acc), colsum
+
+
+def _fake_score_maps(q, k, teacher_width, teacher_height):
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    acc = acc_dtype(q.dtype)
+    w, u = q.new_empty((B, H, Lq), dtype=acc), q.new_empty((B, H, Lk), dtype=acc)
+    gw = torch.empty_like(w) if teacher_width is not None else q.new_empty((0,), dtype=acc)
+    gu = torch.empty_like(u) if teacher_height is not None else q.new_empty((0,), dtype=acc)
+    return w, u, q.new_empty((B, H), dtype=acc), gw, gu
 
 
 def _fake_backward(q, k, v, bias, need_dbias):
@@ -500,7 +451,16 @@ def pooled_attention_maps(q, k, bias=None, key_padding_mask=None, query_padding_
         w, u = reference_pooled_maps(q, k, bias, key_padding_mask, query_padding_mask, scale, space)
         return w.to(acc), u.to(acc)
     if space == "scores":
-        return _closed_form_maps(q, k, bias, key_padding_mask, query_padding_mask, scale)
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, bias)):
+            # differentiable: the closed forms through autograd (the kernel's maps have no backward)
+            return _closed_form_maps(q, k, bias, key_padding_mask, query_padding_mask, scale)
+        maps = _kernel_ops(backend)[2]
+        w, u, _, _, _ = maps(q.contiguous(), _as_batched(k).contiguous(),
+                             None if bias is None else _as_batched(bias).contiguous(),
+                             None if key_padding_mask is None else key_padding_mask.contiguous(),
+                             None if query_padding_mask is None else query_padding_mask.contiguous(),
+                             None, None, scale, True)
+        return w, u
     # "probs": the column sums come out of the forward kernel (v is not needed: zeros)
     v = q.new_zeros((B, H, Lk, D))
     out, colsum = _attention(backend, q, k, v, bias, key_padding_mask, query_padding_mask, scale, True)
@@ -532,13 +492,12 @@ def shared_key_attention_distill(q, k, v, teacher_width=None, teacher_height=Non
         out = reference_attention(q, k, v, bias, key_padding_mask, scale)
         w, u = reference_pooled_maps(q, k, bias, key_padding_mask, query_padding_mask, scale, space)
     elif space == "scores":
+        tw, th = teacher_width if want_w else None, teacher_height if want_u else None
+        if not any(t is not None and t.requires_grad for t in (tw, th)):
+            return _FusedScoresDistill.apply(q, k, v, bias, key_padding_mask, query_padding_mask, tw, th, scale,
+                                             normalize, backend)
+        # a teacher map that wants a gradient (unusual): the closed forms through autograd
         out, _ = _attention(backend, q, k, v, bias, key_padding_mask, None, scale, False)
-        teachers = [t for t in (teacher_width, teacher_height) if t is not None]
-        if not any(t.requires_grad for t in teachers):
-            loss = _ScoresDistill.apply(q, k, bias, key_padding_mask, query_padding_mask,
-                                        teacher_width if want_w else None,
-                                        teacher_height if want_u else None, scale, normalize)
-            return out, loss
         w, u = _closed_form_maps(q, k, bias, key_padding_mask, query_padding_mask, scale, want_w, want_u)
     else:
         out, u = _attention(backend, q, k, v, bias, key_padding_mask, query_padding_mask, scale, True)
