@@ -42,31 +42,11 @@
 #include <vector>
 
 #include "cpu/cpu_clones.h"
+#include "cpu/simd.h"
 
 namespace mmcl_fast {
 namespace {
 
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float v __attribute__((vector_size(32), __may_alias__, aligned(4)));
-  typedef int32_t vi __attribute__((vector_size(32), __may_alias__, aligned(4)));
-};
-template <>
-struct Vec<double> {
-  typedef double v __attribute__((vector_size(32), __may_alias__, aligned(8)));
-  typedef int64_t vi __attribute__((vector_size(32), __may_alias__, aligned(8)));
-};
-template <typename T>
-using vec_t = typename Vec<T>::v;
-template <typename T>
-constexpr int64_t kW = 32 / static_cast<int64_t>(sizeof(T));
-
-template <typename T>
-MMCL_INLINE vec_t<T> vload(const T* p) {
-  return *reinterpret_cast<const vec_t<T>*>(p);
-}
 // |x|: the sign bit cleared
 template <typename T>
 MMCL_INLINE vec_t<T> vabs(vec_t<T> x) {

@@ -54,42 +54,10 @@
 #endif
 
 #include "cpu/cpu_clones.h"
+#include "cpu/simd.h"
 
 namespace mmcl_fast {
 namespace {
-
-// ----------------------------------------------------------------------------------------------
-// 256-bit vectors as GCC vector extensions (AVX2 registers in the x86-64-v3 clone, SSE pairs in
-// the generic one); may_alias and element alignment make loads and stores plain unaligned moves.
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float v __attribute__((vector_size(32), __may_alias__, aligned(4)));
-};
-template <>
-struct Vec<double> {
-  typedef double v __attribute__((vector_size(32), __may_alias__, aligned(8)));
-};
-template <typename T>
-using vec_t = typename Vec<T>::v;
-template <typename T>
-constexpr int64_t kW = 32 / static_cast<int64_t>(sizeof(T));
-
-template <typename T>
-MMCL_INLINE vec_t<T> vload(const T* p) {
-  return *reinterpret_cast<const vec_t<T>*>(p);
-}
-template <typename T>
-MMCL_INLINE void vstore(T* p, vec_t<T> x) {
-  *reinterpret_cast<vec_t<T>*>(p) = x;
-}
-template <typename T>
-MMCL_INLINE T hsum(vec_t<T> x) {
-  T r = x[0];
-  for (int64_t l = 1; l < kW<T>; ++l) r += x[l];
-  return r;
-}
 
 // ==============================================================================================
 // Modulated embedding

@@ -60,6 +60,7 @@
 #include <type_traits>
 
 #include "cpu/cpu_clones.h"
+#include "cpu/simd.h"
 
 namespace mmcl_fast {
 namespace {
@@ -82,45 +83,6 @@ constexpr int64_t kBN = 128;
 constexpr int64_t kLdS = kBN + 16;
 
 MMCL_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// ----------------------------------------------------------------------------------------------
-// 256-bit vectors as GCC vector extensions: the x86-64-v3 clone compiles them to AVX2 registers,
-// the generic clone to pairs of SSE registers. (Plain loops over the micro-kernel's block were
-// vectorised badly by GCC 12: along k, with shuffles.) may_alias and element alignment make the
-// loads and stores below plain unaligned moves.
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float v __attribute__((vector_size(32), __may_alias__, aligned(4)));
-  typedef int32_t vi __attribute__((vector_size(32), __may_alias__, aligned(4)));
-};
-template <>
-struct Vec<double> {
-  typedef double v __attribute__((vector_size(32), __may_alias__, aligned(8)));
-  typedef int64_t vi __attribute__((vector_size(32), __may_alias__, aligned(8)));
-};
-template <typename T>
-using vec_t = typename Vec<T>::v;
-template <typename T>
-constexpr int64_t kW = 32 / static_cast<int64_t>(sizeof(T));  // lanes per vector
-
-template <typename T>
-MMCL_INLINE vec_t<T> vload(const T* p) {
-  return *reinterpret_cast<const vec_t<T>*>(p);
-}
-template <typename T>
-MMCL_INLINE void vstore(T* p, vec_t<T> x) {
-  *reinterpret_cast<vec_t<T>*>(p) = x;
-}
-template <typename T>
-MMCL_INLINE vec_t<T> vsplat(T x) {
-  return vec_t<T>{} + x;
-}
-template <typename T>
-MMCL_INLINE vec_t<T> vmax(vec_t<T> a, vec_t<T> b) {
-  return a > b ? a : b;
-}
 
 // ----------------------------------------------------------------------------------------------
 // exp for the softmax, on a vector: branch-free. x = n ln2 + f with |f| <= ln2/2 (n by the
@@ -256,19 +218,6 @@ MMCL_INLINE void gemm_into(bool first, int64_t M, int64_t N, int64_t K, const T*
 // ----------------------------------------------------------------------------------------------
 // Row helpers over n = a multiple of NR values, two vectors of lanes at a time; the lane order is
 // fixed, so the results are reproducible.
-template <typename T>
-MMCL_INLINE T hsum(vec_t<T> x) {
-  T r = x[0];
-  for (int64_t l = 1; l < kW<T>; ++l) r += x[l];
-  return r;
-}
-
-template <typename T>
-MMCL_INLINE T hmax(vec_t<T> x) {
-  T r = x[0];
-  for (int64_t l = 1; l < kW<T>; ++l) r = x[l] > r ? x[l] : r;
-  return r;
-}
 
 // s = exp(s - shift) in place; returns the sum.
 template <typename T>
@@ -474,7 +423,6 @@ struct ScoreEpi {
   int64_t nk;
   const T* shift;  // EXP: lse of the tile's rows
   MMCL_INLINE void compute(int64_t i, int64_t j, vec_t<T>& s0, vec_t<T>& s1) const {
-    using V = vec_t<T>;
     constexpr int64_t W = kW<T>, NR = kNR<T>;
     s0 = scale * s0 + vload(kadd + j);
     s1 = scale * s1 + vload(kadd + j + W);
@@ -936,8 +884,8 @@ struct MapsIO {
 //   w_i = qv_i (scale q_i.ksum + sum_j kv_j bias_ij),  u_j = kv_j (scale qsum.k_j + sum_i qv_i bias_ij)
 // then the distances against the teachers present. buf: 2 D + Lq + Lk elements.
 template <typename T>
-void maps_pair(const Problem<T>& p, const MapsIO<T>& io, bool normalize, int64_t b, int64_t h,
-               T* buf) {
+MMCL_CPU_CLONES void maps_pair(const Problem<T>& p, const MapsIO<T>& io, bool normalize, int64_t b,
+                               int64_t h, T* buf) {
   const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk, bh = b * p.H + h;
   T* ksum = buf;
   T* qsum = buf + D;
@@ -961,13 +909,10 @@ void maps_pair(const Problem<T>& p, const MapsIO<T>& io, bool normalize, int64_t
   if (const T* bias = p.bias_of(b, h)) {
     for (int64_t i = 0; i < Lq; ++i) {
       if (qv[i] == T(0)) continue;
-      const T* row = bias + i * Lk;
-      T acc = T(0);
-      for (int64_t j = 0; j < Lk; ++j) {
-        acc += kv[j] * row[j];
-        u[j] += row[j];
-      }
-      w[i] += acc;
+      const T* __restrict__ row = bias + i * Lk;
+      T* __restrict__ uu = u;
+      for (int64_t j = 0; j < Lk; ++j) uu[j] += row[j];  // (apart from the dot: vectorised)
+      w[i] += dot(kv, row, Lk);
     }
   }
   for (int64_t i = 0; i < Lq; ++i) w[i] *= qv[i];
