@@ -9,6 +9,14 @@ a modality mask; gradients for the tables (dense), gamma, beta and the gate logi
 Groups C-modemb-<N>-sparse, the same with a sparse COO table gradient (as SparseAdam takes):
   eager_reference_sparse   the reference with sparse=True (gather whose backward is a sparse COO)
   ours_sparse[backend]     ours with sparse=True
+Group C-interp: interpolate_weights forward + backward (gradients for new and sigma) over a model's
+parameter list, MoFot / LKGE-style snapshot interpolation (3 entity tables [15k, 256], 3 relation
+tables [237, 256] and 30 small tensors [256], i = 3):
+  eager_reference      the PyTorch way: a loop of norm, scale and add per tensor
+  compiled_reference   torch.compile of the same function
+  ours[backend]        mmcl_fast.ops.interpolate_weights (one multi-tensor op)
+Group C-anchor: anchor_penalty forward + backward over the same list, LKGE's per-row weights on the
+tables and per-element weights (EWC) on the small tensors; the same three kinds of competitor.
 Each records `peak_mb` (CPU: peak resident memory of one step in a fresh process beyond that
 before it; GPU: max_memory_allocated beyond that before). MMCL_FAST_BENCH_MEMORY=0 skips it.
 
@@ -115,12 +123,91 @@ def test_modulated_embedding_fwd_bwd(benchmark, device, name, size, N):
     run_bench(benchmark, device, lambda: step(fn, t), rounds=ROUNDS, peak_mb=peak)
 
 
+# -- interpolate_weights and anchor_penalty over a parameter list ---------------------------------
+def make_params(device):
+    g = torch.Generator().manual_seed(1)
+    shapes = [(50 if small() else 15_000, D)] * 3 + [(7 if small() else 237, D)] * 3 + [(D,)] * 30
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+    prev = [r(*s) for s in shapes]
+    new = [r(*s).requires_grad_(True) for s in shapes]
+    sigma = (1 + torch.rand(len(shapes), generator=g)).to(device).requires_grad_(True)
+    weights = [torch.rand(s[0], generator=g).to(device) if len(s) == 2 else torch.rand(*s, generator=g).to(device)
+               for s in shapes]
+    douts = [r(*s) for s in shapes]
+    return dict(prev=prev, new=new, sigma=sigma, anchors=prev, weights=weights, douts=douts)
+
+
+def _interp_eager(t):
+    return me.reference_interpolate_weights(t["prev"], t["new"], t["sigma"], 3)
+
+
+def _anchor_eager(t):
+    return me.reference_anchor_penalty(t["new"], t["anchors"], t["weights"], 0.5)
+
+
+def _with_backend(backend, fn):
+    def run(t):
+        with mmcl_fast.use_backend(backend):
+            return fn(t)
+    return run
+
+
+LIST_OPS = {
+    "interp": (_interp_eager, lambda t: mmcl_fast.ops.interpolate_weights(t["prev"], t["new"], t["sigma"], 3)),
+    "anchor": (_anchor_eager, lambda t: mmcl_fast.ops.anchor_penalty(t["new"], t["anchors"], t["weights"], 0.5)),
+}
+_compiled_list = {}
+
+
+def list_competitor(op, name):
+    eager, call = LIST_OPS[op]
+    if name == "eager_reference":
+        return eager
+    if name == "compiled_reference":
+        return _compiled_list.setdefault(op, torch.compile(eager))
+    return _with_backend(name[5:-1], call)
+
+
+def list_step(op, fn, t):
+    res = fn(t)
+    total = sum((o * d).sum() for o, d in zip(res, t["douts"])) if op == "interp" else res
+    torch.autograd.grad(total, t["new"] + ([t["sigma"]] if op == "interp" else []))
+
+
+LIST_NAMES = ["eager_reference", "compiled_reference"] + [f"ours[{b}]" for b in BACKENDS]
+
+
+@pytest.mark.parametrize("op", list(LIST_OPS))
+@pytest.mark.parametrize("name", LIST_NAMES)
+def test_parameter_list_ops_fwd_bwd(benchmark, device, op, name):
+    benchmark.group = f"C-{op}"
+    fn = list_competitor(op, name)
+    t = make_params(device)
+    if device.type == "cuda":
+        peak = None if small() else cuda_step_peak_mb(lambda: list_step(op, fn, t))
+    else:
+        peak = peak_mb_in_subprocess(__file__, f"{op}:{name}", "0")
+    run_bench(benchmark, device, lambda: list_step(op, fn, t), rounds=ROUNDS, peak_mb=peak)
+
+
 if __name__ == "__main__":  # one step in a fresh process: its peak resident memory
     import json
 
     name, N = sys.argv[1], int(sys.argv[2])
-    t = make(N, torch.device("cpu"))
-    fn = competitor(name)
+    if ":" in name:  # a parameter-list op
+        op, name = name.split(":")
+        t = make_params(torch.device("cpu"))
+        fn = list_competitor(op, name)
+
+        def one():
+            list_step(op, fn, t)
+    else:
+        t = make(N, torch.device("cpu"))
+        fn = competitor(name)
+
+        def one():
+            step(fn, t)
     if name == "compiled_reference":
-        step(fn, t)  # compile first: the compiler's memory is not the step's
-    print(json.dumps({"peak_mb": cpu_step_peak_mb(lambda: step(fn, t))}))
+        one()  # compile first: the compiler's memory is not the step's
+    print(json.dumps({"peak_mb": cpu_step_peak_mb(one)}))

@@ -29,6 +29,8 @@ BASELINES = {
 BASELINE_BY_PREFIX = {
     "B-": "[eager_reference-",
     "C-modemb": "[eager_reference",
+    "C-interp": "[eager_reference",
+    "C-anchor": "[eager_reference",
     "C-rank": "[lkge",
 }
 
