@@ -43,15 +43,18 @@ def main(profiled="cuda"):
                     with torch.no_grad():
                         attn()
 
-                fwd, bwd = ska._kernel_ops(be)
+                fwd, bwd, maps = ska._kernel_ops(be)
                 args = (t["q"].detach(), t["k"].detach().unsqueeze(0), t["v"].detach(),
                         t["bias"].detach().unsqueeze(0), t["kpm"], None, b.D ** -0.5, False)
                 out, lse, _ = fwd(*args)
+                tw, th = t["tw"].contiguous(), t["th"].contiguous()
+                _, _, _, gw, gu = maps(*args[:2], args[3], args[4], None, tw, th, args[6], True)
                 print(f"B {B} L {L} {be:6s} attention fwd {timeit(fwd_only):.3f} ms, "
                       f"fwd+bwd {timeit(lambda: torch.autograd.grad((attn() * t['dout']).sum(), [t[p] for p in params])):.3f} ms, "
                       f"with the loss {timeit(lambda: b.step(b.ours(be), t)):.3f} ms; raw ops: fwd "
                       f"{timeit(lambda: fwd(*args)):.3f} ms, bwd "
-                      f"{timeit(lambda: bwd(t['dout'], *args[:5], None, out, lse, None, args[6], True)):.3f} ms")
+                      f"{timeit(lambda: bwd(t['dout'], *args[:5], None, out, lse, None, gw, gu, args[6], True)):.3f} ms, "
+                      f"maps {timeit(lambda: maps(*args[:2], args[3], args[4], None, tw, th, args[6], True)):.3f} ms")
         print(f"B {B} L {L} sdpa   fwd+bwd {timeit(lambda: b.step(b.sdpa_float_bias, t)):.3f} ms")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
