@@ -9,6 +9,7 @@ per query, realistic ties; all ranks of the B queries):
   full_score_matrix   PyKEEN's way with the fastest PyTorch scorer: the [B, N] score matrix
                       (torch.cdist p=1), filtered entries set to NaN, then PyKEEN's rank
                       definitions (counts of > and >= the true score)
+  compiled_full_score_matrix  torch.compile of the same function
   ours[backend]       mmcl_fast.ops.filtered_rank on each of our backends present: streamed, no
                       [B, N] matrix
 Each records `peak_mb` (CPU: peak resident memory of one call in a fresh process beyond that before
@@ -88,7 +89,15 @@ def ours(backend):
     return fn
 
 
-COMPETITORS = {"lkge": lkge, "full_score_matrix": full_score_matrix}
+_compiled = {}
+
+
+def compiled_full_score_matrix(d):
+    return _compiled.setdefault("fn", torch.compile(full_score_matrix))(d)
+
+
+COMPETITORS = {"lkge": lkge, "full_score_matrix": full_score_matrix,
+               "compiled_full_score_matrix": compiled_full_score_matrix}
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NAMES = list(COMPETITORS) + [f"ours[{b}]" for b in present_backends(DEVICE)]
 
@@ -115,4 +124,7 @@ if __name__ == "__main__":  # one call in a fresh process: its peak resident mem
 
     name, B, N = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     d = make(B, N, torch.device("cpu"))
-    print(json.dumps({"peak_mb": cpu_step_peak_mb(lambda: competitor(name)(d))}))
+    fn = competitor(name)
+    if name.startswith("compiled"):
+        fn(d)  # compile first: the compiler's memory is not the call's
+    print(json.dumps({"peak_mb": cpu_step_peak_mb(lambda: fn(d))}))
