@@ -1,8 +1,10 @@
-"""Where the time of op family B goes on a GPU: each backend's attention forward alone, forward +
-backward, forward + backward with the distillation loss, the raw kernel ops without the Python
-wrapper, and SDPA, at two MSPT shapes; then torch.profiler's table of one backend's full step.
+"""Where the time of op family B goes: each backend's attention forward alone, forward + backward,
+forward + backward with the distillation loss, the raw kernel ops without the Python wrapper (the
+forward, the backward with the map gradients, the score maps), and SDPA, at two MSPT shapes; then
+torch.profiler's table of one backend's full step. On a GPU the cuda and triton backends; without
+one (or with `cpu`) the C++ CPU backend. Medians (mean of n calls on a GPU) in ms.
 
-    python benchmarks/profile_shared_key_attention.py [cuda|triton]
+    python benchmarks/profile_shared_key_attention.py [cuda|triton|cpu]
 """
 import importlib
 import sys
@@ -19,6 +21,15 @@ ska = importlib.import_module("mmcl_fast.ops.shared_key_attention")
 
 
 def timeit(fn, n=50):
+    if not GPU:  # the CPU: the median of n calls (the machine is shared and noisy)
+        for _ in range(3):
+            fn()
+        ts = []
+        for _ in range(n // 2):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return sorted(ts)[len(ts) // 2] * 1e3
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
@@ -29,12 +40,18 @@ def timeit(fn, n=50):
     return (time.perf_counter() - t) / n * 1e3
 
 
-def main(profiled="cuda"):
-    dev = torch.device("cuda")
+GPU = torch.cuda.is_available()
+
+
+def main(profiled=None):
+    global GPU
+    GPU = GPU and profiled != "cpu"
+    profiled = profiled or ("cuda" if GPU else "cpu")
+    dev = torch.device("cuda" if GPU else "cpu")
     params = ["q", "k", "v", "bias"]
     for B, L in [(32, 128), (8, 61)]:
         t = b.make(B, L, dev)
-        for be in ("cuda", "triton"):
+        for be in (("cuda", "triton") if GPU else ("cpu",)):
             with mmcl_fast.use_backend(be):
                 def attn():
                     return shared_key_attention(t["q"], t["k"], t["v"], t["bias"], t["kpm"])
@@ -56,12 +73,13 @@ def main(profiled="cuda"):
                       f"{timeit(lambda: bwd(t['dout'], *args[:5], None, out, lse, None, gw, gu, args[6], True)):.3f} ms, "
                       f"maps {timeit(lambda: maps(*args[:2], args[3], args[4], None, tw, th, args[6], True)):.3f} ms")
         print(f"B {B} L {L} sdpa   fwd+bwd {timeit(lambda: b.step(b.sdpa_float_bias, t)):.3f} ms")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if GPU else [])
+    with torch.profiler.profile(activities=acts) as prof:
         for _ in range(10):
             b.step(b.ours(profiled), t)
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+        if GPU:
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total" if GPU else "self_cpu_time_total", row_limit=25))
 
 
 if __name__ == "__main__":
