@@ -494,17 +494,20 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _table(rows: List[int], numels: List[int], chunk: int, base: int, device: torch.device):
-    """(device int64 table, number of chunks): rows (16 fields per tensor; _F_CB/_F_CE filled
-    here), then (tensor, start) per chunk. Cached by content."""
+def _table(rows: List[int], numels: List[int], chunk: int, base: int, device: torch.device,
+           fields=(_NF, _F_CB, _F_CE)):
+    """(device int64 table, number of chunks): rows (`fields` = (fields per tensor, index of the
+    first chunk, index of the chunk end), filled here for the last two), then (tensor, start) per
+    chunk. Cached by content. Shared by the multi-tensor kernels of families A and C."""
+    nf, f_cb, f_ce = fields
     n_t = len(numels)
     counts = [(n + chunk - 1) // chunk for n in numels]
     c = 0
     for i, cnt in enumerate(counts):
-        rows[i * _NF + _F_CB] = c
+        rows[i * nf + f_cb] = c
         c += cnt
-        rows[i * _NF + _F_CE] = c
-    key = (str(device), base, chunk, tuple(rows))
+        rows[i * nf + f_ce] = c
+    key = (str(device), base, chunk, fields, tuple(rows))
     capturing = _capturing(device)
     with _lock:
         hit = _table_cache.get(key)

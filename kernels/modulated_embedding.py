@@ -41,16 +41,14 @@ Launches:
     outputs: one chunk pass. Interpolate forward / backward: 3 launches each; anchor forward 2,
     backward 1.
 """
-import collections
 import os
-import threading
 from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .modality_step import _device_guard, _Rel, _sm_count
+from .modality_step import _device_guard, _Rel, _sm_count, _table
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -507,12 +505,6 @@ def _backward_impl(grad_out, tables, index, gamma, beta, gates, sparse):
 
 # -- the multi-tensor table ---------------------------------------------------------------------
 
-_CACHE_SIZE = 64
-_table_cache: "collections.OrderedDict" = collections.OrderedDict()
-_capture_keepalive: list = []
-_lock = threading.Lock()
-
-
 def _chunk_iters(total: int, device: torch.device) -> int:
     """Tiles per chunk: enough chunks to give every SM several, at most _MT_MAX_ITERS tiles."""
     if _INTERPRET or device.type != "cuda":
@@ -521,47 +513,6 @@ def _chunk_iters(total: int, device: torch.device) -> int:
     target = 8 * _sm_count(index)
     iters = max(1, min(_MT_MAX_ITERS, total // (_MT_BLOCK * target)))
     return 1 << (iters.bit_length() - 1)
-
-
-def _table(rows: List[int], numels: List[int], chunk: int, base: int, device: torch.device):
-    """(device int64 table, number of chunks): the rows (_NF fields per tensor, the chunk range
-    filled here), then a (tensor, first element) pair per chunk. Cached by content."""
-    n_t = len(numels)
-    counts = [(n + chunk - 1) // chunk for n in numels]
-    c = 0
-    for k, cnt in enumerate(counts):
-        rows[k * _NF + _F_CB] = c
-        c += cnt
-        rows[k * _NF + _F_CE] = c
-    key = (str(device), base, chunk, tuple(rows))
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    with _lock:
-        hit = _table_cache.get(key)
-        if hit is not None:
-            _table_cache.move_to_end(key)
-            if capturing:
-                _capture_keepalive.append(hit)
-            return hit
-    cnt_t = torch.tensor(counts, dtype=torch.int64)
-    tidx = torch.repeat_interleave(torch.arange(n_t, dtype=torch.int64), cnt_t)
-    first = torch.cumsum(cnt_t, 0) - cnt_t
-    starts = (torch.arange(c, dtype=torch.int64) - first[tidx]) * chunk
-    host = torch.cat([torch.tensor(rows, dtype=torch.int64),
-                      torch.stack([tidx, starts], 1).reshape(-1)])
-    if device.type == "cuda":
-        host = host.pin_memory()
-        dev = host.to(device, non_blocking=True)
-    else:
-        dev = host.to(device)
-    entry = (dev, c)
-    if capturing:  # the copy runs at each replay: keep its source alive, out of the cache
-        _capture_keepalive.append((host, dev))
-        return entry
-    with _lock:
-        _table_cache[key] = entry
-        while len(_table_cache) > _CACHE_SIZE:
-            _table_cache.popitem(last=False)
-    return entry
 
 
 def _check_list(ref_list, name, others):
@@ -591,7 +542,7 @@ def _ref_tensor(*lists):
 
 def _multi(rows, numels, ref, device):
     iters = _chunk_iters(sum(numels), device)
-    tab, n_chunks = _table(rows, numels, _MT_BLOCK * iters, ref.data_ptr(), device)
+    tab, n_chunks = _table(rows, numels, _MT_BLOCK * iters, ref.data_ptr(), device, (_NF, _F_CB, _F_CE))
     return tab, n_chunks, iters
 
 
