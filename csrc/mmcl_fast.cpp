@@ -34,14 +34,20 @@ TORCH_LIBRARY(mmcl_fast, m) {
   // grad_width [B, H, Lq] and grad_height [B, H, Lk] (acc) are the loss's gradients with respect
   // to the pooled score maps w_i = qv_i sum_j kv_j S_ij and u_j = kv_j sum_i qv_i S_ij (masked
   // by qv and kv): they add kv_j grad_width_i + qv_i grad_height_j to dS.
+  // Dropout on P (dropout_p in [0, 1); dropout_seed: int64 [1] on q's device, required when
+  // dropout_p > 0): out = (P Z) v with Z_ij = keep_ij / (1 - p), keep drawn by Philox4x32-10 from
+  // the seed and (j >> 2, i, b H + h) (mmcl_fast/ops/shared_key_attention.py: dropout_keep), so
+  // the backward, given the same p and seed, regenerates the forward's mask. lse and colsum are
+  // of the undropped P; out (saved, passed back) is the dropped output.
   m.def(
       "ska_forward(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? key_padding_mask, "
-      "Tensor? query_padding_mask, float scale, bool need_colsum) -> (Tensor, Tensor, Tensor)");
+      "Tensor? query_padding_mask, float scale, bool need_colsum, float dropout_p=0., "
+      "Tensor? dropout_seed=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "ska_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, "
       "Tensor? key_padding_mask, Tensor? query_padding_mask, Tensor out, Tensor lse, "
       "Tensor? grad_colsum, Tensor? grad_width, Tensor? grad_height, float scale, "
-      "bool need_dbias) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool need_dbias, float dropout_p=0., Tensor? dropout_seed=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // The pooled score maps (width [B, H, Lq], height [B, H, Lk], acc) by their closed forms, and,
   // against the teacher's maps (acc, or absent), the asymmetric ReLU distance per (b, h) (dist
   // [B, H]) with its gradients with respect to width and height (empty when that teacher is

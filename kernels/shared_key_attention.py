@@ -7,17 +7,23 @@ bank (Bk == 1) and bias from bias[0] when Bb == 1; kv_j = 1 when key j is valid 
 key_padding_mask[b, j]), qv_i = 1 when query i is valid (not query_padding_mask[b, i]), else 0:
 
     S_ij  = scale q_i . k_j + bias_ij             (-inf where key j is padded)
-    lse_i = log sum_j exp(S_ij);  P_ij = exp(S_ij - lse_i);  out_i = sum_j P_ij v_j
+    lse_i = log sum_j exp(S_ij);  P_ij = exp(S_ij - lse_i);  out_i = sum_j P_ij Z_ij v_j
             (an "empty" row, all S_ij = -inf: out_i = 0, lse_i = +inf, so P_i. = 0 everywhere)
-    colsum_j = sum_i qv_i P_ij
+    colsum_j = sum_i qv_i P_ij                    (lse and colsum: of the undropped P)
 
+    Z_ij    = dropout on P: 1 when dropout_p == 0; else keep_ij / (1 - p), with
+              (x0..x3) = Philox4x32-10(counter (j >> 2, i, b H + h, DROPOUT_TAG = 0x64726F70),
+                                       key (seed lo, seed hi)),  seed = dropout_seed[0] (int64)
+              keep_ij = (x_(j & 3) >> 8) >= thr,  thr = min(ceil(p 2^24), 2^24)
+              (mmcl_fast/ops/shared_key_attention.py: dropout_keep; the seed is read by the
+              kernels, no host sync; the backward regenerates the forward's Z from p and seed)
     G_j     = grad_colsum[b, h, j] (0 when None)
     GW_i    = grad_width[b, h, i], GH_j = grad_height[b, h, j] (0 when None)
-    dP_ij   = dO_i . v_j + G_j qv_i
-    Delta_i = dO_i . out_i + qv_i sum_j P_ij G_j             (= sum_j P_ij dP_ij)
+    dP_ij   = Z_ij dO_i . v_j + G_j qv_i                       (G not times Z)
+    Delta_i = dO_i . out_i + qv_i sum_j P_ij G_j             (= sum_j P_ij dP_ij; out dropped)
     dS_ij   = P_ij (dP_ij - Delta_i) + qv_i kv_j (GW_i + GH_j)
     dq_i = scale sum_j dS_ij k_j;  dk_j = scale sum_i dS_ij q_i (summed over b for a bank);
-    dv_j = sum_i P_ij dO_i;  dbias_ij = dS_ij (summed over b when Bb == 1)
+    dv_j = sum_i P_ij Z_ij dO_i;  dbias_ij = dS_ij (summed over b when Bb == 1)
 
 The qv_i kv_j (GW_i + GH_j) term (not multiplied by P: non-zero where P = 0, except at masked keys
 and padded queries) is the gradient through the pooled score maps w_i = qv_i sum_j kv_j S_ij and
@@ -41,7 +47,10 @@ Nothing of size B*H*Lq*Lk is ever allocated, except dbias when it is asked for. 
 on [BLOCK_M, BLOCK_N] tiles of S in the log2 domain (S * log2(e), exp2), accumulate in float32
 (inputs float32 / float16 / bfloat16; lse, colsum float32), and BLOCK_D = next power of two >= D
 (at least 16), loads masked on d < D. float32 tiles are multiplied with tl.dot's "ieee"
-precision (not TF32), so float32 results stay float32-accurate.
+precision (not TF32), so float32 results stay float32-accurate. Dropout is a constexpr DROPOUT
+(the p == 0 kernels are compiled without it): _dropout_scale draws Z of a tile (one Philox call per
+element, the word x_(j & 3) selected), used by _fwd_kernel (P Z in the PV product),
+_bwd_dkdv_kernel (dv, dP) and _bwd_dq_kernel (dP); _colsum_kernel and _bwd_pre_kernel do not see it.
 
 Launches (each a 1-D grid of tiles x B*H, the tiles of one (b, h) adjacent):
   forward   _fwd_kernel, grid Lq tiles x B*H: online softmax over the key tiles -> out, lse.
@@ -66,6 +75,7 @@ Launches (each a 1-D grid of tiles x B*H, the tiles of one (b, h) adjacent):
             n(x) . r; then gx). A barrier (tl.debug_barrier) separates writing the scratch / the
             maps from reading them back.
 """
+import math
 import os
 from typing import Optional, Tuple
 
@@ -152,15 +162,40 @@ def _scores_t(k, q, bias_base, offs_m, m_valid, offs_n, n_valid, keep, Lk, qk_sc
     return tl.where(keep[:, None], st, float("-inf"))
 
 
+@triton.jit
+def _dropout_scale(seed, bh, offs_m, offs_n, thr, rscale, TRANS: tl.constexpr):
+    """Z of the [len(offs_m), len(offs_n)] tile of (query i, key j) pairs (its transpose, the
+    [len(offs_n), len(offs_m)] tile, with TRANS): rscale where kept, 0 where dropped, float32.
+    (x0..x3) = Philox4x32-10(counter (j >> 2, i, b H + h, DROPOUT_TAG), key (seed lo, seed hi)),
+    keep = (x_(j & 3) >> 8) >= thr: the words of dropout_keep in
+    mmcl_fast/ops/shared_key_attention.py (seed: the int64 dropout_seed[0]; bh = b H + h)."""
+    if TRANS:
+        c0, c1 = tl.broadcast((offs_n >> 2).to(tl.uint32)[:, None], offs_m.to(tl.uint32)[None, :])
+        lane = (offs_n & 3)[:, None]
+    else:
+        c1, c0 = tl.broadcast(offs_m.to(tl.uint32)[:, None], (offs_n >> 2).to(tl.uint32)[None, :])
+        lane = (offs_n & 3)[None, :]
+    zero = c1 * 0
+    c2 = zero + bh.to(tl.uint32)
+    c3 = zero + 0x64726F70  # DROPOUT_TAG, "drop"
+    x0, x1, x2, x3 = tl.philox(seed, c0, c1, c2, c3)
+    x = tl.where(lane == 0, x0, tl.where(lane == 1, x1, tl.where(lane == 2, x2, x3)))
+    # x >> 8 < 2^24: exact as int32, compared with thr (<= 2^24) as signed ints
+    return tl.where((x >> 8).to(tl.int32) >= thr, rscale, 0.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _fwd_kernel(Q, K, V, Bias, KPM, Out, LSE, H, Lq, Lk, D, stride_kb, stride_bb, qk_scale,
-                HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+@triton.jit(do_not_specialize=["dropout_thr"])
+def _fwd_kernel(Q, K, V, Bias, KPM, Out, LSE, Seed, H, Lq, Lk, D, stride_kb, stride_bb, qk_scale,
+                dropout_thr, dropout_rscale, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
+                DROPOUT: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out, lse of one query tile (online softmax over the key tiles); with DROPOUT the PV
+    product takes P Z (Z from _dropout_scale), l and lse stay those of the undropped P."""
     pid_m, bh = _tile_bh(Lq, BLOCK_M)
     b = bh // H
     h = bh % H
@@ -177,6 +212,8 @@ def _fwd_kernel(Q, K, V, Bias, KPM, Out, LSE, H, Lq, Lk, D, stride_kb, stride_bb
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(Seed)
     for start_n in range(0, Lk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < Lk
@@ -191,6 +228,8 @@ def _fwd_kernel(Q, K, V, Bias, KPM, Out, LSE, H, Lq, Lk, D, stride_kb, stride_bb
         p = tl.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_base, offs_n, n_valid, offs_d, d_valid, D)
+        if DROPOUT:
+            p = p * _dropout_scale(seed, bh, offs_m, offs_n, dropout_thr, dropout_rscale, False)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     empty = l_i == 0.0
@@ -270,15 +309,17 @@ def _bwd_pre_kernel(DO, O, Q, K, Bias, KPM, QPM, LSE, G, Delta, H, Lq, Lk, D, st
     tl.store(Delta + bh * Lq + offs_m, delta, mask=m_valid)
 
 
-@triton.jit
-def _bwd_dkdv_kernel(Q, K, V, Bias, KPM, QPM, DO, LSE, Delta, G, GW, GH, DK, DV, H, Lq, Lk, D,
-                     stride_kb, stride_bb, qk_scale, scale, HAS_G: tl.constexpr,
-                     HAS_GW: tl.constexpr, HAS_GH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_KPM: tl.constexpr, HAS_QPM: tl.constexpr, PREC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+@triton.jit(do_not_specialize=["dropout_thr"])
+def _bwd_dkdv_kernel(Q, K, V, Bias, KPM, QPM, DO, LSE, Delta, G, GW, GH, Seed, DK, DV, H, Lq, Lk,
+                     D, stride_kb, stride_bb, qk_scale, scale, dropout_thr, dropout_rscale,
+                     HAS_G: tl.constexpr, HAS_GW: tl.constexpr, HAS_GH: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_QPM: tl.constexpr,
+                     DROPOUT: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dk, dv of one key tile, over [BLOCK_N, BLOCK_M] tiles of S^T:
+    dv_j = sum_i P_ij Z_ij dO_i;  dP_ij = Z_ij dO_i . v_j + qv_i G_j;
     dS^T_ji = P_ij (dP_ij - Delta_i) + qv_i kv_j (GW_i + GH_j) (the map term only with HAS_GW /
-    HAS_GH, each part absent without its flag; not multiplied by P)."""
+    HAS_GH, each part absent without its flag; not multiplied by P). Z = 1 without DROPOUT."""
     pid_n, bh = _tile_bh(Lk, BLOCK_N)
     b = bh // H
     h = bh % H
@@ -301,6 +342,8 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, KPM, QPM, DO, LSE, Delta, G, GW, GH, DK, DV,
         gh = tl.load(GH + bh * Lk + offs_n, mask=n_valid, other=0.0).to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(Seed)
     for start_m in range(0, Lq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_valid = offs_m < Lq
@@ -311,8 +354,13 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, KPM, QPM, DO, LSE, Delta, G, GW, GH, DK, DV,
         st = _scores_t(k, q, bias_base, offs_m, m_valid, offs_n, n_valid, keep, Lk, qk_scale,
                        HAS_BIAS, PREC)
         pt = tl.exp2(st - lse2[None, :])
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+        if DROPOUT:
+            zt = _dropout_scale(seed, bh, offs_m, offs_n, dropout_thr, dropout_rscale, True)
+            dv += tl.dot((pt * zt).to(do.dtype), do, input_precision=PREC)
+            dpt = dpt * zt
+        else:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         if HAS_G or HAS_GW or HAS_GH:
             valid = _query_valid(qpm_base, offs_m, m_valid, HAS_QPM)
         if HAS_G:
@@ -337,16 +385,18 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, KPM, QPM, DO, LSE, Delta, G, GW, GH, DK, DV,
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
-def _bwd_dq_kernel(Q, K, V, Bias, KPM, QPM, DO, LSE, Delta, G, GW, GH, DQ, DBias, H, Lq, Lk, D,
-                   stride_kb, stride_bb, qk_scale, scale, HAS_G: tl.constexpr,
-                   HAS_GW: tl.constexpr, HAS_GH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   HAS_KPM: tl.constexpr, HAS_QPM: tl.constexpr, NEED_DBIAS: tl.constexpr,
-                   DBIAS_ATOMIC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+@triton.jit(do_not_specialize=["dropout_thr"])
+def _bwd_dq_kernel(Q, K, V, Bias, KPM, QPM, DO, LSE, Delta, G, GW, GH, Seed, DQ, DBias, H, Lq, Lk,
+                   D, stride_kb, stride_bb, qk_scale, scale, dropout_thr, dropout_rscale,
+                   HAS_G: tl.constexpr, HAS_GW: tl.constexpr, HAS_GH: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_QPM: tl.constexpr,
+                   NEED_DBIAS: tl.constexpr, DBIAS_ATOMIC: tl.constexpr, DROPOUT: tl.constexpr,
+                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
     """dq (and dbias) of one query tile, over [BLOCK_M, BLOCK_N] tiles of S:
+    dP_ij = Z_ij dO_i . v_j + qv_i G_j;
     dS_ij = P_ij (dP_ij - Delta_i) + qv_i kv_j (GW_i + GH_j) (the map term only with HAS_GW /
-    HAS_GH, each part absent without its flag; not multiplied by P)."""
+    HAS_GH, each part absent without its flag; not multiplied by P). Z = 1 without DROPOUT."""
     pid_m, bh = _tile_bh(Lq, BLOCK_M)
     b = bh // H
     h = bh % H
@@ -370,6 +420,8 @@ def _bwd_dq_kernel(Q, K, V, Bias, KPM, QPM, DO, LSE, Delta, G, GW, GH, DQ, DBias
     if HAS_GW:
         gw = tl.load(GW + bh * Lq + offs_m, mask=m_valid, other=0.0).to(tl.float32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(Seed)
     for start_n in range(0, Lk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < Lk
@@ -380,6 +432,8 @@ def _bwd_dq_kernel(Q, K, V, Bias, KPM, QPM, DO, LSE, Delta, G, GW, GH, DQ, DBias
                     HAS_BIAS, PREC)
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        if DROPOUT:
+            dp = dp * _dropout_scale(seed, bh, offs_m, offs_n, dropout_thr, dropout_rscale, False)
         if HAS_G:
             g = tl.load(G + bh * Lk + offs_n, mask=n_valid, other=0.0).to(tl.float32)
             dp += validf[:, None] * g[None, :]
@@ -596,6 +650,44 @@ def _check_device(q: torch.Tensor):
         raise TypeError(f"mmcl_fast (triton): q must be float32/float16/bfloat16, got {q.dtype}")
 
 
+def _check_dropout(dropout_p, dropout_seed, q: torch.Tensor) -> bool:
+    """Checks the dropout arguments (naming them; RuntimeError, as the C++ ops' TORCH_CHECK); True
+    when dropout is on (dropout_p > 0)."""
+    p = float(dropout_p)
+    if not (math.isfinite(p) and 0.0 <= p < 1.0):
+        raise RuntimeError(f"mmcl_fast (triton): ska: dropout_p must be in [0, 1), got {dropout_p}")
+    if p == 0.0:
+        return False  # the seed is ignored
+    if dropout_seed is None:
+        raise RuntimeError("mmcl_fast (triton): ska: dropout_seed is required when dropout_p > 0 "
+                           "(an int64 tensor [1] on q's device)")
+    if not isinstance(dropout_seed, torch.Tensor):
+        raise RuntimeError(f"mmcl_fast (triton): ska: dropout_seed must be an int64 tensor [1], "
+                           f"got {type(dropout_seed).__name__}")
+    if dropout_seed.dtype != torch.int64:
+        raise RuntimeError(f"mmcl_fast (triton): ska: dropout_seed must be an int64 tensor, got "
+                           f"{dropout_seed.dtype}")
+    if dropout_seed.numel() != 1:
+        raise RuntimeError(f"mmcl_fast (triton): ska: dropout_seed must have exactly one element, "
+                           f"got shape {list(dropout_seed.shape)}")
+    if dropout_seed.device != q.device:
+        raise RuntimeError(f"mmcl_fast (triton): ska: dropout_seed must be on q's device "
+                           f"{q.device}, got {dropout_seed.device}")
+    return True
+
+
+def _dropout_args(dropout_p, dropout_seed, dummy: torch.Tensor):
+    """(seed pointer, thr, rscale) of the kernels: thr = min(ceil(p 2^24), 2^24) and
+    rscale = 1 / (1 - p) computed in double (the kernels take rscale as float32), as
+    mmcl_fast/ops/shared_key_attention.py's dropout_threshold and reference; a dummy pointer and
+    (0, 1.0) without dropout."""
+    if not dropout_p:
+        return dummy, 0, 1.0
+    from ..ops.shared_key_attention import dropout_threshold  # (the ops import this module lazily)
+
+    return dropout_seed, dropout_threshold(dropout_p), 1.0 / (1.0 - float(dropout_p))
+
+
 def _mask_bytes(mask: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
     """A bool mask as uint8 (the kernels test != 0), or a dummy pointer when absent."""
     if mask is None:
@@ -616,8 +708,10 @@ def _common(q, k, bias, key_padding_mask, query_padding_mask):
     return B, H, Lq, Lk, D, Bk, stride_kb, stride_bb, kpm, qpm
 
 
-def _forward_impl(q, k, v, bias, key_padding_mask, query_padding_mask, scale, need_colsum):
+def _forward_impl(q, k, v, bias, key_padding_mask, query_padding_mask, scale, need_colsum,
+                  dropout_p=0.0, dropout_seed=None):
     _check_device(q)
+    dropout = _check_dropout(dropout_p, dropout_seed, q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     bias = bias.contiguous() if bias is not None else None
     B, H, Lq, Lk, D, Bk, stride_kb, stride_bb, kpm, qpm = _common(
@@ -628,10 +722,12 @@ def _forward_impl(q, k, v, bias, key_padding_mask, query_padding_mask, scale, ne
     prec = _precision(q.dtype)
     qk_scale = float(scale) * _LOG2E
     bias_arg = bias if bias is not None else q
+    seed_arg, thr, rscale = _dropout_args(dropout_p, dropout_seed, lse)
     with _device_guard(q.device):
         _fwd_kernel[(triton.cdiv(Lq, bm) * B * H,)](
-            q, k, v, bias_arg, kpm, out, lse, H, Lq, Lk, D, stride_kb, stride_bb, qk_scale,
-            HAS_BIAS=bias is not None, HAS_KPM=key_padding_mask is not None, PREC=prec,
+            q, k, v, bias_arg, kpm, out, lse, seed_arg, H, Lq, Lk, D, stride_kb, stride_bb,
+            qk_scale, thr, rscale, HAS_BIAS=bias is not None,
+            HAS_KPM=key_padding_mask is not None, DROPOUT=dropout, PREC=prec,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
         )
         if need_colsum:
@@ -662,8 +758,10 @@ def _acc_vector(name: str, t: Optional[torch.Tensor], shape, dev,
 
 
 def _backward_impl(grad_out, q, k, v, bias, key_padding_mask, query_padding_mask, out, lse,
-                   grad_colsum, grad_width, grad_height, scale, need_dbias):
+                   grad_colsum, grad_width, grad_height, scale, need_dbias, dropout_p=0.0,
+                   dropout_seed=None):
     _check_device(q)
+    dropout = _check_dropout(dropout_p, dropout_seed, q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     bias = bias.contiguous() if bias is not None else None
@@ -686,6 +784,7 @@ def _backward_impl(grad_out, q, k, v, bias, key_padding_mask, query_padding_mask
     has_gw, has_gh = grad_width is not None, grad_height is not None
     gw_arg = grad_width if has_gw else lse
     gh_arg = grad_height if has_gh else lse
+    seed_arg, thr, rscale = _dropout_args(dropout_p, dropout_seed, lse)
 
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
     dq = torch.empty_like(q)
@@ -710,19 +809,19 @@ def _backward_impl(grad_out, q, k, v, bias, key_padding_mask, query_padding_mask
             num_stages=stages,
         )
         _bwd_dkdv_kernel[(triton.cdiv(Lk, bn) * B * H,)](
-            q, k, v, bias_arg, kpm, qpm, grad_out, lse, delta, g_arg, gw_arg, gh_arg, dk_buf, dv,
-            H, Lq, Lk, D, stride_kb, stride_bb, qk_scale, float(scale), HAS_G=has_g,
-            HAS_GW=has_gw, HAS_GH=has_gh, HAS_BIAS=has_bias,
-            HAS_KPM=has_kpm, HAS_QPM=has_qpm, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-            num_warps=warps, num_stages=stages,
+            q, k, v, bias_arg, kpm, qpm, grad_out, lse, delta, g_arg, gw_arg, gh_arg, seed_arg,
+            dk_buf, dv, H, Lq, Lk, D, stride_kb, stride_bb, qk_scale, float(scale), thr, rscale,
+            HAS_G=has_g, HAS_GW=has_gw, HAS_GH=has_gh, HAS_BIAS=has_bias,
+            HAS_KPM=has_kpm, HAS_QPM=has_qpm, DROPOUT=dropout, PREC=prec, BLOCK_M=bm,
+            BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
         )
         _bwd_dq_kernel[(triton.cdiv(Lq, bm) * B * H,)](
-            q, k, v, bias_arg, kpm, qpm, grad_out, lse, delta, g_arg, gw_arg, gh_arg, dq,
-            dbias if need_dbias else q, H, Lq, Lk, D, stride_kb, stride_bb, qk_scale,
-            float(scale), HAS_G=has_g, HAS_GW=has_gw, HAS_GH=has_gh, HAS_BIAS=has_bias,
-            HAS_KPM=has_kpm, HAS_QPM=has_qpm,
-            NEED_DBIAS=need_dbias, DBIAS_ATOMIC=dbias_atomic, PREC=prec, BLOCK_M=bm, BLOCK_N=bn,
-            BLOCK_D=bd, num_warps=warps, num_stages=stages,
+            q, k, v, bias_arg, kpm, qpm, grad_out, lse, delta, g_arg, gw_arg, gh_arg, seed_arg,
+            dq, dbias if need_dbias else q, H, Lq, Lk, D, stride_kb, stride_bb, qk_scale,
+            float(scale), thr, rscale, HAS_G=has_g, HAS_GW=has_gw, HAS_GH=has_gh,
+            HAS_BIAS=has_bias, HAS_KPM=has_kpm, HAS_QPM=has_qpm,
+            NEED_DBIAS=need_dbias, DBIAS_ATOMIC=dbias_atomic, DROPOUT=dropout, PREC=prec,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
         )
     dk = dk_buf.sum(0, keepdim=True).to(k.dtype) if bank else dk_buf
     if dbias_atomic and bias.dtype != torch.float32:
@@ -787,9 +886,14 @@ def ska_forward_triton(
     query_padding_mask: Optional[torch.Tensor],
     scale: float,
     need_colsum: bool,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton implementation of mmcl_fast::ska_forward: (out, lse, colsum)."""
-    return _forward_impl(q, k, v, bias, key_padding_mask, query_padding_mask, scale, need_colsum)
+    """Triton implementation of mmcl_fast::ska_forward: (out, lse, colsum); out of the dropped P
+    when dropout_p > 0 (dropout_seed: int64 [1] on q's device, read by the kernel), lse and colsum
+    of the undropped P."""
+    return _forward_impl(q, k, v, bias, key_padding_mask, query_padding_mask, scale, need_colsum,
+                         dropout_p, dropout_seed)
 
 
 def _stat_dtype(q):
@@ -797,7 +901,9 @@ def _stat_dtype(q):
 
 
 @ska_forward_triton.register_fake
-def _(q, k, v, bias, key_padding_mask, query_padding_mask, scale, need_colsum):
+def _(q, k, v, bias, key_padding_mask, query_padding_mask, scale, need_colsum, dropout_p=0.0,
+      dropout_seed=None):
+    _check_dropout(dropout_p, dropout_seed, q)
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     sd = _stat_dtype(q)
@@ -823,15 +929,21 @@ def ska_backward_triton(
     grad_height: Optional[torch.Tensor],
     scale: float,
     need_dbias: bool,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton implementation of mmcl_fast::ska_backward: (dq, dk, dv, dbias)."""
+    """Triton implementation of mmcl_fast::ska_backward: (dq, dk, dv, dbias); dropout_p and
+    dropout_seed must be the forward's (the kernels regenerate its mask; out is the dropped
+    output it returned)."""
     return _backward_impl(grad_out, q, k, v, bias, key_padding_mask, query_padding_mask, out, lse,
-                          grad_colsum, grad_width, grad_height, scale, need_dbias)
+                          grad_colsum, grad_width, grad_height, scale, need_dbias, dropout_p,
+                          dropout_seed)
 
 
 @ska_backward_triton.register_fake
 def _(grad_out, q, k, v, bias, key_padding_mask, query_padding_mask, out, lse, grad_colsum,
-      grad_width, grad_height, scale, need_dbias):
+      grad_width, grad_height, scale, need_dbias, dropout_p=0.0, dropout_seed=None):
+    _check_dropout(dropout_p, dropout_seed, q)
     dq = q.new_empty(q.shape)
     dk = k.new_empty(k.shape)
     dv = v.new_empty(v.shape)

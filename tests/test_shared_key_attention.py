@@ -640,3 +640,210 @@ def test_keys_with_batch_one_equal_the_bank(backend):
     _close(l2, l1, 1e-6, "loss")
     for a, c, name in ((gq2, gq1, "dq"), (gk2[0], gk1, "dk"), (gv2, gv1, "dv"), (gb2[0], gb1, "dbias")):
         _close(a, c, 1e-5, name)
+
+
+# -- dropout on P --------------------------------------------------------------------------------
+def test_dropout_keep_mask_layout_and_statistics():
+    """dropout_keep is Philox at counter (j >> 2, i, b H + h, tag), word j & 3 (checked element by
+    element against single Philox calls); its keep rate is 1 - p; seeds and (b, h) rows differ."""
+    from mmcl_fast.ops.modality_step import philox4x32_10
+
+    seed = 0x0123456789ABCDEF
+    m = ska.dropout_keep(seed, 2, 3, 5, 7, 0.3)
+    thr = math.ceil(0.3 * 2**24)
+    for b, h, i, j in [(0, 0, 0, 0), (1, 2, 4, 6), (0, 1, 3, 5), (1, 0, 2, 3), (1, 1, 0, 4)]:
+        x = philox4x32_10(torch.tensor([j >> 2]), i, b * 3 + h, ska.DROPOUT_TAG, seed & 0xFFFFFFFF, seed >> 32)
+        assert bool(m[b, h, i, j]) == (int(x[j & 3]) >> 8 >= thr), (b, h, i, j)
+    for p in (0.1, 0.5, 0.9):
+        keep = ska.dropout_keep(7, 4, 4, 64, 61, p).double()
+        n = keep.numel()
+        assert abs(keep.mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), p
+        # neighbouring keys (same Philox call) and neighbouring rows are uncorrelated
+        for a, c in ((keep[..., :-1], keep[..., 1:]), (keep[:, :, :-1], keep[:, :, 1:])):
+            corr = ((a - a.mean()) * (c - c.mean())).mean() / (a.std() * c.std())
+            assert abs(corr.item()) < 0.02
+    a, b = ska.dropout_keep(7, 2, 2, 16, 16, 0.5), ska.dropout_keep(8, 2, 2, 16, 16, 0.5)
+    assert not torch.equal(a, b) and not torch.equal(a[0, 0], a[0, 1]) and not torch.equal(a[0, 0], a[1, 0])
+    assert torch.equal(a, ska.dropout_keep(7, 2, 2, 16, 16, 0.5))
+    assert torch.equal(ska.dropout_keep(-1, 1, 1, 3, 9, 0.5), ska.dropout_keep(2**64 - 1, 1, 1, 3, 9, 0.5))
+    assert ska.dropout_keep(7, 1, 2, 3, 9, 0.0).all()
+
+
+def test_reference_dropout_is_p_times_keep_over_one_minus_p():
+    """The reference's dropped output written out: softmax(S) * keep / (1 - p), then times v."""
+    q, k, v, b, kpm, _ = make_inputs(2, 3, 7, 9, 16, bias="bank", dtype=torch.float64)
+    P = torch.softmax((q @ k.transpose(-1, -2)) * 0.25 + b + torch.where(kpm, -math.inf, 0.0)[:, None, None, :], -1)
+    keep = ska.dropout_keep(42, 2, 3, 7, 9, 0.4)
+    expect = (P * keep / 0.6) @ v
+    _close(ska.reference_attention(q, k, v, b, kpm, 0.25, 0.4, 42), expect, 1e-12, "reference dropout")
+
+
+DROPOUT_CASES = [
+    (2, 3, 7, 9, 32, True, "bank", True, False),
+    (2, 2, 61, 129, 48, False, "batch", True, True),
+    (3, 2, 1, 5, 64, True, None, False, False),
+]
+DROPOUT_INTERP_CASES = [
+    (2, 2, 7, 9, 32, True, "bank", True, False),
+    (2, 1, 19, 13, 16, False, "batch", True, True),
+]
+
+
+def _dropout_case(backend, ci):
+    cases = DROPOUT_INTERP_CASES if backend == "triton" else DROPOUT_CASES
+    if ci >= len(cases):
+        pytest.skip("the Triton interpreter runs fewer cases")
+    return cases[ci]
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_TARGETS)
+@pytest.mark.parametrize("ci", range(3))
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_matches_reference(backend, device, ci, p):
+    """Output and every gradient with dropout on P against the reference drawing the same mask
+    (float64), through the public op; the seed as an int and as a tensor give the same result."""
+    _skip_unless(backend, torch.device(device))
+    B, H, Lq, Lk, D, bank, bias, km, qm = _dropout_case(backend, ci)
+    q, k, v, b, kpm, _ = make_inputs(B, H, Lq, Lk, D, bank=bank, bias=bias, kmask=km, empty_row=km)
+    seed = 1234567890123
+    dout = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(2))
+    mine = _leaf(_to(device, q, k, v, b))
+    dkpm = None if kpm is None else kpm.to(device)
+    out = _run_backend(backend, lambda: shared_key_attention(*mine, key_padding_mask=dkpm, dropout_p=p,
+                                                             dropout_seed=seed))
+    got = _grads((out, None), mine, dout.to(device))
+    ref = _leaf([q, k, v, b], torch.float64)
+    out_ref = ska.reference_attention(*ref, kpm, None, p, seed)
+    want = _grads((out_ref, None), ref, dout.double())
+    _close(out.cpu(), out_ref, 2e-5, "out")
+    for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
+        _close(g.cpu(), w, 5e-5, name)
+    undropped = ska.reference_attention(*[None if t is None else t.detach() for t in ref], kpm, None)
+    assert (out.cpu().double() - undropped).abs().max().item() > 0.05  # the mask was applied
+    again = _run_backend(backend, lambda: shared_key_attention(
+        *[None if t is None else t.detach() for t in mine], key_padding_mask=dkpm, dropout_p=p,
+        dropout_seed=torch.tensor([seed], device=device)))
+    assert torch.equal(again, out.detach())
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_TARGETS)
+@pytest.mark.parametrize("space,pool", [("scores", "both"), ("probs", "height")])
+def test_dropout_with_the_distillation_loss(backend, device, space, pool):
+    """With dropout the output is dropped and the loss is that of the undropped maps (the fused
+    scores path, and the probs path whose column sums enter the backward next to the mask)."""
+    _skip_unless(backend, torch.device(device))
+    B, H, Lq, Lk, D = (2, 2, 9, 13, 16) if backend == "triton" else (3, 2, 29, 40, 32)
+    q, k, v, b, kpm, qpm = make_inputs(B, H, Lq, Lk, D, bias="bank", qmask=True, empty_row=True)
+    tw, th = (t.float() for t in ska.reference_pooled_maps(q.double() * 0.5, k.double(), b.double(), kpm, qpm,
+                                                             None, space))
+    dout = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(3))
+    kw = dict(key_padding_mask=kpm, query_padding_mask=qpm, space=space, pool=pool, dropout_p=0.3, dropout_seed=99)
+    mine = _leaf(_to(device, q, k, v, b))
+    dkw = dict(kw, key_padding_mask=kpm.to(device), query_padding_mask=qpm.to(device))
+    out, loss = _run_backend(backend, lambda: shared_key_attention_distill(
+        *mine[:3], bias=mine[3], teacher_width=tw.to(device), teacher_height=th.to(device), **dkw))
+    got = _grads((out, loss), mine, dout.to(device))
+    ref = _leaf([q, k, v, b], torch.float64)
+    with mmcl_fast.use_backend("reference"):
+        out_ref, loss_ref = shared_key_attention_distill(*ref[:3], bias=ref[3], teacher_width=tw, teacher_height=th,
+                                                         **kw)
+        _, loss_nodrop = shared_key_attention_distill(*ref[:3], bias=ref[3], teacher_width=tw, teacher_height=th,
+                                                      **dict(kw, dropout_p=0.0))
+    want = _grads((out_ref, loss_ref), ref, dout.double())
+    assert abs(loss_ref.item() - loss_nodrop.item()) <= 1e-12
+    assert abs(loss.item() - loss_ref.item()) <= 2e-5 * max(1.0, abs(loss_ref.item()))
+    _close(out.cpu(), out_ref, 2e-5, "out")
+    for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
+        _close(g.cpu(), w, 5e-5, name)
+
+
+@pytest.mark.parametrize("backend", ["cpu"])
+def test_dropout_is_unbiased_over_seeds(backend):
+    """An oracle independent of the mask's layout: averaged over seeds, the dropped output is the
+    undropped one (Z has mean 1), within a bound set by the spread of the draws."""
+    _skip_unless(backend)
+    q, k, v, b, kpm, _ = make_inputs(1, 2, 6, 8, 16, bias="bank")
+    with mmcl_fast.use_backend(backend):
+        full = shared_key_attention(q, k, v, b, kpm)
+        draws = torch.stack([shared_key_attention(q, k, v, b, kpm, dropout_p=0.4, dropout_seed=s)
+                             for s in range(800)])
+    mean, sem = draws.double().mean(0), draws.double().std(0) / math.sqrt(draws.shape[0])
+    assert ((mean - full.double()).abs() <= 5 * sem + 1e-6).all()
+    assert sem.max().item() > 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gradcheck_float64_with_dropout(backend):
+    _skip_unless(backend, dtype=torch.float64)
+    q, k, v, b, kpm, _ = make_inputs(2, 2, 5, 6, 3, bias="bank", dtype=torch.float64)
+
+    def f(q, k, v, b):
+        with mmcl_fast.use_backend(backend):
+            return shared_key_attention(q, k, v, b, kpm, dropout_p=0.3, dropout_seed=5)
+
+    assert torch.autograd.gradcheck(f, tuple(_leaf([q, k, v, b])), eps=1e-6, atol=1e-6)
+
+
+def test_dropout_seed_from_torch_generator():
+    """dropout_seed None: the mask is drawn from torch's generator, so manual_seed repeats it."""
+    q, k, v, b, kpm, _ = make_inputs(2, 2, 7, 9, 16, bias="bank")
+    torch.manual_seed(3)
+    a = shared_key_attention(q, k, v, b, kpm, dropout_p=0.5)
+    c = shared_key_attention(q, k, v, b, kpm, dropout_p=0.5)
+    torch.manual_seed(3)
+    assert torch.equal(a, shared_key_attention(q, k, v, b, kpm, dropout_p=0.5))
+    assert not torch.equal(a, c)
+    torch.manual_seed(3)
+    with mmcl_fast.use_backend("reference"):
+        _close(shared_key_attention(q, k, v, b, kpm, dropout_p=0.5), a, 2e-5, "reference, same generator state")
+
+
+@pytest.mark.parametrize("dropout_p,seed,exc,match", [
+    (1.0, 1, ValueError, r"dropout_p must be in \[0, 1\)"),
+    (-0.1, 1, ValueError, r"dropout_p must be in \[0, 1\)"),
+    (float("nan"), 1, ValueError, r"dropout_p must be in \[0, 1\)"),
+    ("0.1", 1, TypeError, "dropout_p must be a float"),
+    (0.1, torch.tensor([1.0]), TypeError, "dropout_seed must be an int or an int64 tensor"),
+    (0.1, torch.tensor([1, 2]), TypeError, "dropout_seed must be an int or an int64 tensor"),
+    (0.1, 2**64, ValueError, "dropout_seed must fit in 64 bits"),
+    (0.1, 1.5, TypeError, "dropout_seed must be an int"),
+])
+def test_bad_dropout_arguments_are_named(dropout_p, seed, exc, match):
+    q, k, v, b, kpm, qpm = _good()
+    with pytest.raises(exc, match=match):
+        shared_key_attention(q, k, v, b, kpm, dropout_p=dropout_p, dropout_seed=seed)
+    with pytest.raises(exc, match=match):
+        shared_key_attention_distill(q, k, v, teacher_width=torch.zeros(2, 2, 5), bias=b, key_padding_mask=kpm,
+                                     dropout_p=dropout_p, dropout_seed=seed)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_raw_ops_check_their_dropout_arguments(backend):
+    """The kernel ops' own checks (before any kernel runs), for callers that skip the Python layer."""
+    fwd, bwd, _ = _kernel_fns(backend)
+    q, k, v, b, kpm, qpm = _opcheck_inputs()
+    q, k, v, b = (t.detach() for t in (q, k, v, b))
+    with pytest.raises(RuntimeError, match="dropout_seed is required"):
+        fwd(q, k, v, b, kpm, qpm, 0.3, False, 0.2, None)
+    with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\)"):
+        fwd(q, k, v, b, kpm, qpm, 0.3, False, 1.5, torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="dropout_seed must be an int64"):
+        fwd(q, k, v, b, kpm, qpm, 0.3, False, 0.2, torch.tensor([1.0]))
+    out, lse, _ = fwd(q, k, v, b, kpm, qpm, 0.3, False, 0.2, torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="dropout_seed is required"):
+        bwd(torch.ones_like(out), q, k, v, b, kpm, qpm, out, lse, None, None, None, 0.3, True, 0.2, None)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck_with_dropout(backend):
+    fwd, bwd, _ = _kernel_fns(backend)
+    if backend == "triton":
+        ska._register_triton()
+    q, k, v, b, kpm, qpm = _opcheck_inputs()
+    seed = torch.tensor([77])
+    torch.library.opcheck(fwd.default, (q, k, v, b, kpm, qpm, 0.3, True, 0.25, seed))
+    with torch.no_grad():
+        out, lse, colsum = fwd(q, k, v, b, kpm, qpm, 0.3, True, 0.25, seed)
+    torch.library.opcheck(bwd.default, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), b.detach(), kpm,
+                                        qpm, out, lse, torch.randn_like(colsum), None, None, 0.3, True, 0.25, seed),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

@@ -12,6 +12,11 @@
 //     dq = scale dS k,  dk = scale dS^T q,  dv = P^T dO,  dbias = dS
 // (the last term of dS is the gradient through the pooled score maps below: w and u are linear
 // in S, so it does not pass through the softmax).
+// Dropout on P (dropout_p > 0): out_i = sum_j P_ij Z_ij v_j with Z_ij = keep_ij / (1 - p), keep
+// drawn by Philox4x32-10 from (j >> 2, i, b H + h, "drop") and the seed (../ska_dropout.h; the
+// spec is dropout_keep in mmcl_fast/ops/shared_key_attention.py), so the backward draws the
+// forward's mask again instead of storing it. lse and colsum stay those of P; in the backward dv = (P Z)^T dO
+// and dO . v_j becomes Z_ij dO . v_j; Delta = dO . out still holds, out being the dropped output.
 // The pooled score maps (ska_score_maps), per (b, h), by their closed forms:
 //     ksum = sum_j kv_j k_j,  qsum = sum_i qv_i q_i
 //     w_i = qv_i (scale q_i . ksum + sum_j kv_j bias_ij),  u_j = kv_j (scale qsum . k_j + sum_i qv_i bias_ij)
@@ -61,6 +66,7 @@
 
 #include "cpu/cpu_clones.h"
 #include "cpu/simd.h"
+#include "ska_dropout.h"
 
 namespace mmcl_fast {
 namespace {
@@ -303,6 +309,9 @@ struct Problem {
   int64_t nqb;   // forward query blocks per (b, h), of bm rows (the last one may be shorter)
   int64_t bm;
   bool direct;   // D == Dp: rows of q, k, v, dO and the gradients serve as operands in place
+  bool dropout;  // dropout on P: the fields below
+  uint32_t drop_thr, drop_k0, drop_k1;
+  T drop_scale;  // 1 / (1 - p)
 
   const T* k_of(int64_t b, int64_t h) const { return k + ((Bk == 1 ? 0 : b) * H + h) * Lk * D; }
   const T* v_of(int64_t b, int64_t h) const { return v + (b * H + h) * Lk * D; }
@@ -410,6 +419,58 @@ MMCL_INLINE int64_t active_keys(const Problem<T>& p, int64_t b) {
   return n;
 }
 
+// The dropout multipliers Z of a tile, rows [i0, i0 + mq) and keys [j0, j0 + nkp) of pair bh
+// (j0 and nkp multiples of 4), into z (rows kLdS apart): Z = keep / (1 - p), one Philox call per
+// four keys. The Philox rounds run over a row's groups in structure-of-arrays form so that they
+// vectorise (the 32 x 32 -> 64-bit products are what AVX2's vpmuludq does).
+template <typename T>
+MMCL_INLINE void dropout_tile(const Problem<T>& p, int64_t bh, int64_t i0, int64_t mq, int64_t j0,
+                              int64_t nkp, T* z) {
+  constexpr int64_t kG = kBN / 4;
+  const int64_t ng = nkp / 4;
+  for (int64_t i = 0; i < mq; ++i) {
+    uint32_t c0[kG], c1[kG], c2[kG], c3[kG];
+    for (int64_t g = 0; g < ng; ++g) {
+      c0[g] = static_cast<uint32_t>((j0 >> 2) + g);
+      c1[g] = static_cast<uint32_t>(i0 + i);
+      c2[g] = static_cast<uint32_t>(bh);
+      c3[g] = kDropoutTag;
+    }
+    uint32_t k0 = p.drop_k0, k1 = p.drop_k1;
+    for (int r = 0; r < 10; ++r) {
+      for (int64_t g = 0; g < ng; ++g) {
+        const uint64_t a = static_cast<uint64_t>(0xD2511F53u) * c0[g];
+        const uint64_t b = static_cast<uint64_t>(0xCD9E8D57u) * c2[g];
+        const uint32_t n0 = static_cast<uint32_t>(b >> 32) ^ c1[g] ^ k0;
+        const uint32_t n2 = static_cast<uint32_t>(a >> 32) ^ c3[g] ^ k1;
+        c0[g] = n0;
+        c1[g] = static_cast<uint32_t>(b);
+        c2[g] = n2;
+        c3[g] = static_cast<uint32_t>(a);
+      }
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    T* __restrict__ zr = z + i * kLdS;
+    const uint32_t thr = p.drop_thr;
+    const T sc = p.drop_scale;
+    for (int64_t g = 0; g < ng; ++g) {
+      zr[4 * g] = (c0[g] >> 8) >= thr ? sc : T(0);
+      zr[4 * g + 1] = (c1[g] >> 8) >= thr ? sc : T(0);
+      zr[4 * g + 2] = (c2[g] >> 8) >= thr ? sc : T(0);
+      zr[4 * g + 3] = (c3[g] >> 8) >= thr ? sc : T(0);
+    }
+  }
+}
+
+// x *= z over a tile of mq rows and nkp (a multiple of NR) columns, both kLdS apart
+template <typename T>
+MMCL_INLINE void scale_tile(T* __restrict__ x, const T* __restrict__ z, int64_t mq, int64_t nkp) {
+  constexpr int64_t W = kW<T>;
+  for (int64_t i = 0; i < mq; ++i)
+    for (int64_t j = 0; j < nkp; j += W) vstore(x + i * kLdS + j, vload(x + i * kLdS + j) * vload(z + i * kLdS + j));
+}
+
 // Epilogue of the score product (store(i, j, ...) gets columns [j, j + NR) of row i of the tile):
 // S = scale q.k + key mask + bias (bias only over the nk real
 // columns of the tile; the padding columns get -inf from the mask), and with EXP the
@@ -502,6 +563,7 @@ MMCL_INLINE void score_tile(const Problem<T>& p, const T* qa, int64_t ldq, const
 template <typename T>
 struct DsEpi {
   const T* P;      // the tile's probabilities, rows kLdS apart
+  const T* z;      // the tile's dropout multipliers, rows kLdS apart; null: no dropout
   const T* delta;  // Delta of the tile's rows
   const T* valid;  // valid of the tile's rows
   const T* g;      // G at the tile's first column; null: none
@@ -516,6 +578,10 @@ struct DsEpi {
     using V = vec_t<T>;
     constexpr int64_t W = kW<T>, NR = kNR<T>;
     const T di = delta[i];
+    if (z != nullptr) {  // dropout: dO . v_j is times Z_ij, G_j is not
+      c0 *= vload(z + i * kLdS + j);
+      c1 *= vload(z + i * kLdS + j + W);
+    }
     V t0 = c0 - di, t1 = c1 - di;
     if (g != nullptr && valid[i] != T(0)) {
       t0 += vload(g + j);
@@ -568,7 +634,8 @@ struct FwdOut {
 template <typename T>
 int64_t fwd_scratch_elems(const Problem<T>& p) {
   return round_up(p.D * p.Lkp, 16) + round_up(p.Lk * p.Dp, 16) + round_up(p.Lkp, 16) * 2 +
-         round_up(kBM * p.Dp, 16) + round_up(kBM * kLdS, 16) + round_up(kBM, 16) * 4;
+         round_up(kBM * p.Dp, 16) + round_up(kBM * kLdS, 16) * (p.dropout ? 2 : 1) +
+         round_up(kBM, 16) * 4;
 }
 
 // Query blocks [qb_lo, qb_hi) of pair (b, h).
@@ -590,6 +657,7 @@ MMCL_CPU_CLONES void fwd_item(const Problem<T>& p, const FwdOut<T>& o, int64_t b
   T* l = sc.take(kBM);
   T* w = sc.take(kBM);
   T* mt = sc.take(kBM);
+  T* z = p.dropout ? sc.take(kBM * kLdS) : nullptr;
 
   // the transposed keys stay for the next items with the same keys (items run head-major: a
   // bank's head, or the query blocks of one pair)
@@ -605,6 +673,9 @@ MMCL_CPU_CLONES void fwd_item(const Problem<T>& p, const FwdOut<T>& o, int64_t b
   const bool colsum = o.colsum != nullptr;
   if (colsum) std::fill(cs, cs + Lkp, T(0));
   const int64_t Lke = active_keys(p, b), nkt = (Lke + kBN - 1) / kBN;
+  // with one key tile, exp(S - m) / l of the tile is P: the column sums need no second sweep
+  // (unless dropout has changed the tile by then)
+  const bool one_tile = nkt == 1 && !p.dropout;
 
   for (int64_t qb = qb_lo; qb < qb_hi; ++qb) {
     const int64_t i0 = qb * p.bm, mq = std::min(p.bm, Lq - i0);
@@ -637,6 +708,10 @@ MMCL_CPU_CLONES void fwd_item(const Problem<T>& p, const FwdOut<T>& o, int64_t b
         }
         m[i] = mnew;
       }
+      if (p.dropout) {  // l has the tile's P; the output gets P Z
+        dropout_tile(p, bh, i0, mq, j0, nkp, z);
+        scale_tile(s, z, mq, nkp);
+      }
       gemm_into(t == 0, mq, Dp, nk, s, kLdS, 1, vb + j0 * Dp, Dp, acc, Dp);
     }
     T* lse = o.lse + bh * Lq + i0;
@@ -647,10 +722,10 @@ MMCL_CPU_CLONES void fwd_item(const Problem<T>& p, const FwdOut<T>& o, int64_t b
       store_rows(acc + i * Dp, 1, D, Dp, inv, out + i * D);
       // column-sum weight: valid_i / l_i with the single-tile shortcut, valid_i otherwise
       const T valid = (qpm != nullptr && qpm[i0 + i]) ? T(0) : T(1);
-      w[i] = empty ? T(0) : (nkt == 1 ? valid * inv : valid);
+      w[i] = empty ? T(0) : (one_tile ? valid * inv : valid);
     }
     if (!colsum) continue;
-    if (nkt == 1) {
+    if (one_tile) {
       // s still holds exp(S - m) of the only tile: P = that / l
       const int64_t nkp = round_up(Lke, kNR<T>);
       for (int64_t i = 0; i < mq; ++i) {
@@ -695,13 +770,14 @@ struct BwdIO {
 template <typename T>
 int64_t bwd_scratch_elems(const Problem<T>& p) {
   return round_up(p.D * p.Lkp, 16) * 2 + round_up(p.Lk * p.Dp, 16) * 3 + round_up(p.Lkp, 16) * 4 +
-         round_up(kBMb * p.Dp, 16) * 3 + round_up(kBMb * kLdS, 16) * 2 + round_up(kBMb, 16) * 2;
+         round_up(kBMb * p.Dp, 16) * 3 + round_up(kBMb * kLdS, 16) * (p.dropout ? 3 : 2) +
+         round_up(kBMb, 16) * 2;
 }
 
 template <typename T>
 struct BwdBufs {
   T *kt, *vt, *kbuf, *dkbuf, *dvbuf, *kadd, *g, *kv, *gu, *qbuf, *dobuf, *dqbuf, *ps, *ds, *delta,
-      *valid;
+      *valid, *z;
 };
 
 // The gradients of pair (b, h): dq and dv written, dbias rows and dk_acc ([Lk][Dp], unscaled)
@@ -767,15 +843,17 @@ MMCL_CPU_CLONES void bwd_pair(const Problem<T>& p, const BwdIO<T>& io, int64_t b
       T* ds = s.ds;
       // (with one key tile, the sweep for G left this tile's P in ps)
       if (!(has_g && nkt == 1)) score_tile(p, qa, Dp, s.kt, bias_bh, s.kadd, i0, mq, j0, nk, nkp, lse, ps);
+      if (p.dropout) dropout_tile(p, bh, i0, mq, j0, nkp, s.z);
       // dP = dO v^T, turned into dS (and dbias) in place
       gemm<T, false>(mq, nkp, D, doa, Dp, 1, s.vt + j0, Lkp, ds, kLdS);
-      apply_epi(DsEpi<T>{ps, delta, valid, has_g ? s.g + j0 : nullptr,
+      apply_epi(DsEpi<T>{ps, s.z, delta, valid, has_g ? s.g + j0 : nullptr,
                          io.gw == nullptr ? nullptr : io.gw + bh * Lq + i0, s.kv + j0,
                          io.gu == nullptr ? nullptr : s.gu + j0,
                          dbias_bh == nullptr ? nullptr : dbias_bh + i0 * Lk + j0, Lk, nk,
                          dbias_first},
                 ds, kLdS, mq, nkp);
-      // dv[j] += sum_i P_ij dO_i ; dk[j] += sum_i dS_ij q_i ; dq_i += sum_j dS_ij k_j
+      // dv[j] += sum_i P_ij Z_ij dO_i ; dk[j] += sum_i dS_ij q_i ; dq_i += sum_j dS_ij k_j
+      if (p.dropout) scale_tile(ps, s.z, mq, nkp);  // (P is not read again: a later tile recomputes it)
       gemm_into(qb == 0, nk, Dp, mq, ps, 1, kLdS, doa, Dp, dv_acc + j0 * Dp, Dp);
       gemm_into(qb == 0 && dk_first, nk, Dp, mq, ds, 1, kLdS, qa, Dp, dk_acc + j0 * Dp, Dp);
       gemm_into(t == 0, mq, Dp, nk, ds, kLdS, 1, kb + j0 * Dp, Dp, dq_acc, Dp);
@@ -811,6 +889,7 @@ MMCL_CPU_CLONES void bwd_item(const Problem<T>& p, const BwdIO<T>& io, int64_t i
   s.ds = sc.take(kBMb * kLdS);
   s.delta = sc.take(kBMb);
   s.valid = sc.take(kBMb);
+  s.z = p.dropout ? sc.take(kBMb * kLdS) : nullptr;
   const int64_t b_lo = shared ? 0 : item / p.H, b_hi = shared ? p.B : b_lo + 1;
   const int64_t h = item % p.H;
   const T* kb = nullptr;
@@ -1027,22 +1106,39 @@ Problem<T> make_problem(const Dims& d, const at::Tensor& q, const at::Tensor& k,
   p.nqb = (d.Lq + kBM - 1) / kBM;
   p.bm = (d.Lq + p.nqb - 1) / p.nqb;
   p.direct = p.Dp == d.D;
+  p.dropout = false;
+  p.drop_thr = p.drop_k0 = p.drop_k1 = 0;
+  p.drop_scale = T(1);
   return p;
+}
+
+template <typename T>
+void set_dropout(Problem<T>& p, double dropout_p, const std::optional<at::Tensor>& seed) {
+  if (dropout_p == 0.0) return;
+  const uint64_t s = static_cast<uint64_t>(*seed->const_data_ptr<int64_t>());
+  p.dropout = true;
+  p.drop_k0 = static_cast<uint32_t>(s);
+  p.drop_k1 = static_cast<uint32_t>(s >> 32);
+  p.drop_thr = ska_dropout_threshold(dropout_p);
+  p.drop_scale = static_cast<T>(1.0 / (1.0 - dropout_p));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ska_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& query_padding_mask, double scale, bool need_colsum) {
+    const std::optional<at::Tensor>& query_padding_mask, double scale, bool need_colsum,
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   const Dims d = check_inputs(q, k, &v, bias, key_padding_mask, query_padding_mask);
+  check_ska_dropout(dropout_p, dropout_seed, q);
   at::Tensor out = at::empty({d.B, d.H, d.Lq, d.D}, q.options());
   at::Tensor lse = at::empty({d.B, d.H, d.Lq}, q.options());
   at::Tensor colsum = need_colsum ? at::empty({d.B, d.H, d.Lk}, q.options())
                                   : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "ska_forward_cpu", [&] {
     using T = scalar_t;
-    const Problem<T> p = make_problem<T>(d, q, k, v, bias, key_padding_mask, query_padding_mask,
-                                         scale);
+    Problem<T> p = make_problem<T>(d, q, k, v, bias, key_padding_mask, query_padding_mask,
+                                   scale);
+    set_dropout(p, dropout_p, dropout_seed);
     const FwdOut<T> o{out.data_ptr<T>(), lse.data_ptr<T>(),
                       need_colsum ? colsum.data_ptr<T>() : nullptr};
     const int64_t pairs = d.B * d.H;
@@ -1070,8 +1166,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_backward_cpu(
     const std::optional<at::Tensor>& query_padding_mask, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& grad_colsum,
     const std::optional<at::Tensor>& grad_width, const std::optional<at::Tensor>& grad_height,
-    double scale, bool need_dbias) {
+    double scale, bool need_dbias, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   const Dims d = check_inputs(q, k, &v, bias, key_padding_mask, query_padding_mask);
+  check_ska_dropout(dropout_p, dropout_seed, q);
   check_tensor(grad_out, "grad_out", 4);
   check_tensor(out, "out", 4);
   check_same(grad_out, q, "grad_out");
@@ -1093,8 +1190,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_backward_cpu(
   at::Tensor dbias = need_dbias ? at::empty_like(*bias) : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "ska_backward_cpu", [&] {
     using T = scalar_t;
-    const Problem<T> p = make_problem<T>(d, q, k, v, bias, key_padding_mask, query_padding_mask,
-                                         scale);
+    Problem<T> p = make_problem<T>(d, q, k, v, bias, key_padding_mask, query_padding_mask,
+                                   scale);
+    set_dropout(p, dropout_p, dropout_seed);
     const BwdIO<T> io{grad_out.const_data_ptr<T>(),
                       out.const_data_ptr<T>(),
                       lse.const_data_ptr<T>(),

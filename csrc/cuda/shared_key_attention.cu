@@ -7,13 +7,24 @@
 //     lse_i = log sum_j exp(S_ij)    P_ij = exp(S_ij - lse_i)    out_i = sum_j P_ij v_j
 //     colsum_j = sum over valid queries i (query_padding_mask false) of P_ij
 // A row whose scores are all -inf is empty: out_i = 0, lse_i = +inf (so exp(S - lse) = 0 later).
+// Dropout on P (dropout_p > 0): out_i = sum_j P_ij Z_ij v_j with Z_ij = keep_ij / (1 - p), where
+//     (x0, x1, x2, x3) = Philox4x32-10(counter (j >> 2, i, b H + h, 0x64726F70), key (seed lo, hi))
+//     keep_ij = (x_(j & 3) >> 8) >= ceil(p 2^24)
+// (dropout_keep in mmcl_fast/ops/shared_key_attention.py). A counter-based mask needs no state
+// between the passes: the backward redraws the forward's mask from (p, seed) alone, and since the
+// counter names (i, j) and not a tile, the CPU, Triton and CUDA kernels draw the same mask.
+// lse and colsum stay those of the undropped P: the dropout is on what multiplies v, not on the
+// softmax (the colsum feeds the pooled-map losses, which must not be noisy).
 // Backward, with G_j = grad_colsum[b, h, j], gw_i = grad_width[b, h, i], gu_j = grad_height[b, h, j]
-// (each 0 when None), valid_i = qv_i = !query_padding_mask[b, i], kv_j = !key_padding_mask[b, j]:
-//     dP_ij = grad_out_i . v_j + G_j valid_i       Delta_i = grad_out_i . out_i + valid_i sum_j P_ij G_j
+// (each 0 when None), valid_i = qv_i = !query_padding_mask[b, i], kv_j = !key_padding_mask[b, j],
+// Z = 1 without dropout, out the (dropped) output the forward returned:
+//     dP_ij = Z_ij grad_out_i . v_j + G_j valid_i   Delta_i = grad_out_i . out_i + valid_i sum_j P_ij G_j
 //     dS_ij = P_ij (dP_ij - Delta_i) + qv_i kv_j (gw_i + gu_j)
 //     dbias_ij = dS_ij (summed over b when Bb == 1)
 //     dq_i = scale sum_j dS_ij k_j    dk_j = scale sum_i dS_ij q_i (summed over b when Bk == 1)
-//     dv_j = sum_i P_ij grad_out_i
+//     dv_j = sum_i P_ij Z_ij grad_out_i
+// Delta keeps its form: sum_j P_ij Z_ij (grad_out_i . v_j) = grad_out_i . out_i with the dropped
+// out, and the colsum term is of the undropped P, so G enters dP without Z.
 // The gw, gu terms are the gradient through the pooled score maps w_i = qv_i sum_j kv_j S_ij and
 // u_j = kv_j sum_i qv_i S_ij (below): w and u are linear in S, so it does not pass through the
 // softmax and is not times P (it is there where P = 0, on an empty row too). Both masks are
@@ -51,13 +62,24 @@
 //    colsum is asked for, a second sweep over the key tiles with the final lse: P recomputed,
 //    summed over the CTA's valid rows (shuffles, then shared atomics across the 4 warps), one
 //    global fp32 atomicAdd per key per CTA into colsum (zeroed first).
+//  * Dropout (dropout_tile): one Philox call gives the words of 4 neighbouring keys, but in the
+//    score layout those keys sit in 4 different lanes (columns tx + 8 j). So Z is applied in a
+//    pass of its own over the P tile in shared memory, lane per (row, group of 4 keys), float4 at
+//    a time: a quarter of the Philox calls of a per-element draw, and nothing added to the
+//    register-heavy score loop. The forward scales its P tile in place after the row sums have
+//    taken the undropped P; the backward writes Z into the dS tile first, and the score loop
+//    reads it back for P Z (into the P tile, for dv) and Z dO.v (into dS). A warp owns its tile
+//    rows in both kernels, so __syncwarp orders the pass. The seed is read on the device (no
+//    host sync) and only when dropout is on. thr = 0 means no dropout: a uniform branch skips the
+//    pass, and the backward's score loop is instantiated for both cases, so that the p = 0 code
+//    is what it was (a runtime test per element made the compiler version the loops otherwise).
 //  * Backward: Delta_i = grad_out_i . out_i (ska_delta_kernel, a warp per row); when grad_colsum
 //    is given, the forward kernel in "rowpg" mode sweeps the keys with the saved lse and adds
 //    valid_i sum_j P_ij G_j to Delta_i (the whole of Delta is needed before any dS is formed).
 //    Then ska_bwd_kernel, one CTA per (b, h, BN keys): k, v, G of its keys stay in shared memory,
 //    dk and dv accumulate in registers (lane owns keys ty*TK + i, columns 32 c + 4 tx + e), and
-//    it loops over query tiles of BM rows: S and dP recomputed, P and dS written to shared memory,
-//    then dv += P^T dO, dk += dS^T q, and dq += scale dS k added with fp32 atomics into a
+//    it loops over query tiles of BM rows: S and dP recomputed, P Z and dS written to shared
+//    memory, then dv += (P Z)^T dO, dk += dS^T q, and dq += scale dS k added with fp32 atomics into a
 //    [B, H, Lq, D] fp32 buffer. dbias = dS is stored directly when Bb == B (each (m, n) belongs to
 //    exactly one CTA), added atomically into a fp32 [1, H, Lq, Lk] buffer when the bias is
 //    broadcast; dk of a key bank (Bk == 1 < B) likewise goes atomically into a fp32 [1, H, Lk, D]
@@ -88,9 +110,15 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
+
+#include "../philox.h"
+#include "../ska_dropout.h"
 
 namespace mmcl_fast {
 namespace {
@@ -158,11 +186,14 @@ struct FwdParams {
   float* colsum;        // [B, H, Lk]      (kForwardColsum; zeroed)
   const float* gcol;    // [B, H, Lk]      (kRowPG: grad_colsum)
   float* delta;         // [B, H, Lq]      (kRowPG: holds grad_out . out, gets the G term added)
+  const int64_t* seed;  // dropout seed (device, one element), read only when drop_thr != 0
   int64_t k_bstride;    // elements between k[b] and k[b+1]: 0 for a key bank
   int64_t bias_bstride; // 0 for a bias broadcast over the batch
   int H, Lq, Lk, D;
   float scale;
   int mode;
+  uint32_t drop_thr;    // ceil(p 2^24): 0 = no dropout (always 0 in kRowPG mode)
+  float drop_scale;     // 1 / (1 - p)
 };
 
 template <typename T>
@@ -186,12 +217,15 @@ struct BwdParams {
   T* dv;
   T* dbias;             // direct store of dS (dbias_mode 1)
   float* dbias32;       // fp32 [1, H, Lq, Lk], zeroed, atomics (dbias_mode 2)
+  const int64_t* seed;  // as in FwdParams
   int64_t k_bstride;
   int64_t bias_bstride;
   int H, Lq, Lk, D;
   float scale;
   bool dk_atomic;
   int dbias_mode;  // 0 none, 1 store, 2 atomic
+  uint32_t drop_thr;
+  float drop_scale;
 };
 
 template <typename T>
@@ -330,6 +364,49 @@ __device__ __forceinline__ float col_sum4(float x) {  // over the 4 row groups o
   return x + __shfl_xor_sync(0xffffffffu, x, 16);
 }
 
+// Dropout over the calling warp's rows of a [BM][BN + 4] tile in shared memory (tile row r is
+// query m0 + r, column c key n0 + c; the warp owns rows 4 TM warp .. 4 TM warp + 4 TM - 1, as in
+// the score layout): SCALE multiplies the tile by Z, else the tile gets Z. A lane per (row,
+// group of 4 keys): one Philox call, word e for key 4 g + e (n0 is a multiple of 4, so that is
+// word (n0 + 4 g + e) & 3). Rows from rows_left on and groups from n_end / 4 on are left as
+// they are (P = 0 there, or the caller does not read them). Not unrolled: the Philox rounds are
+// enough code. The caller syncs the warp before and after.
+template <int TM, int BN, bool SCALE>
+__device__ __forceinline__ void dropout_tile(float* __restrict__ tile, const int64_t* seed, int m0,
+                                             int rows_left, int n0, int n_end, int64_t bh,
+                                             uint32_t thr, float rscale) {
+  constexpr int PS = BN + 4, G = BN / 4, ROWS = 4 * TM;
+  static_assert((G & (G - 1)) == 0, "groups per row: a power of two");
+  // a plain load: __ldg here changed how the compiler unrolled the rest of the kernels (the
+  // tile loads and score products), in the p = 0 path too
+  const uint64_t sd = static_cast<uint64_t>(*seed);
+  const uint32_t k0 = static_cast<uint32_t>(sd), k1 = static_cast<uint32_t>(sd >> 32);
+  const int r0 = (threadIdx.x >> 5) * ROWS;
+  const int g_end = n_end >> 2;
+#pragma unroll 1
+  for (int e = threadIdx.x & 31; e < ROWS * G; e += 32) {
+    const int r = r0 + e / G, g = e % G;
+    if (r >= rows_left || g >= g_end) continue;
+    const Philox4 x = philox4x32_10(static_cast<uint32_t>((n0 >> 2) + g),
+                                    static_cast<uint32_t>(m0 + r), static_cast<uint32_t>(bh),
+                                    kDropoutTag, k0, k1);
+    float4 z;
+    z.x = (x.x[0] >> 8) >= thr ? rscale : 0.f;
+    z.y = (x.x[1] >> 8) >= thr ? rscale : 0.f;
+    z.z = (x.x[2] >> 8) >= thr ? rscale : 0.f;
+    z.w = (x.x[3] >> 8) >= thr ? rscale : 0.f;
+    float4* t = reinterpret_cast<float4*>(tile + r * PS + 4 * g);
+    if (SCALE) {
+      const float4 v = *t;
+      z.x *= v.x;
+      z.y *= v.y;
+      z.z *= v.z;
+      z.w *= v.w;
+    }
+    *t = z;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kernels
 // ---------------------------------------------------------------------------------------------
@@ -406,8 +483,13 @@ __global__ void __launch_bounds__(kThreads) ska_fwd_kernel(const FwdParams<T> p)
           for (int e = 0; e < 4; ++e) acc[i][c][e] *= alpha;
       }
       __syncwarp();  // P rows of this warp were written by this warp's lanes only
-      // acc += P V over the keys of the tile; past Lk, P = 0 and V = 0.
       const int n_end = min(BN, (Lk - n0 + 3) & ~3);
+      if (p.drop_thr != 0) {  // l has the undropped P; V gets P Z
+        dropout_tile<TM, BN, true>(Ps, p.seed, m0, rows_left, n0, n_end, bh, p.drop_thr,
+                                   p.drop_scale);
+        __syncwarp();
+      }
+      // acc += P V over the keys of the tile; past Lk, P = 0 and V = 0.
       for (int n = 0; n < n_end; n += 4) {
         float4 pv[TM];
 #pragma unroll
@@ -595,6 +677,14 @@ __global__ void __launch_bounds__(kThreads) ska_bwd_kernel(const BwdParams<T> p)
       gw_s[r] = (in && p.gw != nullptr) ? p.gw[row] : 0.f;
     }
     __syncthreads();
+    // Z of the tile into Ss (the score loop reads it back, then overwrites it with dS), drawn
+    // before s and dp take their registers.
+    const bool drop = p.drop_thr != 0;
+    if (drop) {
+      dropout_tile<TM, BN, false>(Ss, p.seed, m0, rows_left, n0, min(BN, (Lk - n0 + 3) & ~3), bh,
+                                  p.drop_thr, p.drop_scale);
+      __syncwarp();
+    }
 
     // S and dP of the tile, then P and dS into shared memory (and dbias out).
     const auto store_dbias = [&](int r, int c, float ds) {
@@ -610,25 +700,41 @@ __global__ void __launch_bounds__(kThreads) ska_bwd_kernel(const BwdParams<T> p)
       float s[TM][TN], dp[TM][TN];
       dot_tile<KS, TM, TN>(Qs, Ks, D4, L.ty, L.tx, s);
       dot_tile<KS, TM, TN>(Os, Vs, D4, L.ty, L.tx, dp);
+      // Instantiated for each value of drop (see the header).
+      const auto score_pass = [&](auto drop_c) {
+        constexpr bool DROP = decltype(drop_c)::value;
 #pragma unroll
-      for (int i = 0; i < TM; ++i) {
-        const int r = L.ty * TM + i;
+        for (int i = 0; i < TM; ++i) {
+          const int r = L.ty * TM + i;
 #pragma unroll
-        for (int j = 0; j < TN; ++j) {
-          const int c = L.tx + 8 * j;
-          float pr = 0.f, ds = 0.f;
-          if (r < rows_left && flags[c] != 0.f) {  // flags[c] != 0 implies n0 + c < Lk
-            float x = s[i][j] * p.scale;
-            if (p.bias != nullptr)
-              x += static_cast<float>(p.bias[bias_off + static_cast<int64_t>(m0 + r) * Lk + n0 + c]);
-            pr = __expf(x - lse_s[r]);  // 0 for x = -inf or an empty row (lse = +inf)
-            ds = pr * (dp[i][j] + G_s[c] * valid_s[r] - delta_s[r]);
+          for (int j = 0; j < TN; ++j) {
+            const int c = L.tx + 8 * j;
+            float pz = 0.f, ds = 0.f;
+            if (r < rows_left && flags[c] != 0.f) {  // flags[c] != 0 implies n0 + c < Lk
+              float x = s[i][j] * p.scale;
+              if (p.bias != nullptr)
+                x += static_cast<float>(
+                    p.bias[bias_off + static_cast<int64_t>(m0 + r) * Lk + n0 + c]);
+              const float pr = __expf(x - lse_s[r]);  // 0 for x = -inf or an empty row (lse = +inf)
+              float dpz = dp[i][j];
+              pz = pr;
+              if constexpr (DROP) {  // Z from dropout_tile (drawn for every row < rows_left, key < Lk)
+                const float z = Ss[r * PS + c];
+                dpz *= z;
+                pz *= z;
+              }
+              ds = pr * (dpz + G_s[c] * valid_s[r] - delta_s[r]);
+            }
+            Ps[r * PS + c] = pz;
+            Ss[r * PS + c] = ds;
+            if (!p.has_maps) store_dbias(r, c, ds);
           }
-          Ps[r * PS + c] = pr;
-          Ss[r * PS + c] = ds;
-          if (!p.has_maps) store_dbias(r, c, ds);
         }
-      }
+      };
+      if (drop)
+        score_pass(std::true_type{});
+      else
+        score_pass(std::false_type{});
     }
     // The score maps' term, in a pass of its own once s and dp are dead, not unrolled: in the loop
     // above, or unrolled, it made ptxas spill in some instances on sm_90, which slowed the plain
@@ -651,7 +757,7 @@ __global__ void __launch_bounds__(kThreads) ska_bwd_kernel(const BwdParams<T> p)
     }
     __syncthreads();
 
-    // dv[n] += sum_m P[m][n] dO[m], dk[n] += sum_m dS[m][n] q[m]; rows past Lq are all zero.
+    // dv[n] += sum_m (P Z)[m][n] dO[m], dk[n] += sum_m dS[m][n] q[m]; rows past Lq are all zero.
     const int m_end = min(BM, rows_left);
     for (int r = 0; r < m_end; ++r) {
       float pv[TK], sv[TK];
@@ -1125,13 +1231,29 @@ const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
 
+// dropout_p in [0, 1); with p > 0 a seed, int64 with one element, on q's device (the kernels
+// read it there: no host sync). Called before any output is allocated.
+// thr = 0 (p = 0) tells the kernels there is no dropout.
+template <typename P>
+void set_dropout(P& p, double dropout_p, const std::optional<at::Tensor>& seed) {
+  p.seed = nullptr;
+  p.drop_thr = 0;
+  p.drop_scale = 1.f;
+  if (dropout_p == 0.0) return;
+  p.seed = seed->const_data_ptr<int64_t>();
+  p.drop_thr = ska_dropout_threshold(dropout_p);
+  p.drop_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ska_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& query_padding_mask, double scale, bool need_colsum) {
+    const std::optional<at::Tensor>& query_padding_mask, double scale, bool need_colsum,
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   TORCH_CHECK(q.is_cuda(), "mmcl_fast: ska_forward: q must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(q.device());
   const Shapes s = check_inputs(q, k, &v, bias, key_padding_mask, query_padding_mask);
+  check_ska_dropout(dropout_p, dropout_seed, q);
   const at::TensorOptions f32 = q.options().dtype(at::kFloat);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({s.B, s.H, s.Lq}, f32);
@@ -1151,6 +1273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ska_forward_cuda(
     p.gcol = nullptr;
     p.delta = nullptr;
     set_dims(p, s, scale);
+    set_dropout(p, dropout_p, dropout_seed);
     p.mode = need_colsum ? kForwardColsum : kForward;
     dispatch_fwd<scalar_t>(p, static_cast<int>(s.B), stream);
   });
@@ -1163,10 +1286,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_backward_cuda(
     const std::optional<at::Tensor>& query_padding_mask, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& grad_colsum,
     const std::optional<at::Tensor>& grad_width, const std::optional<at::Tensor>& grad_height,
-    double scale, bool need_dbias) {
+    double scale, bool need_dbias, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {
   TORCH_CHECK(q.is_cuda(), "mmcl_fast: ska_backward: q must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(q.device());
   const Shapes s = check_inputs(q, k, &v, bias, key_padding_mask, query_padding_mask);
+  check_ska_dropout(dropout_p, dropout_seed, q);
   TORCH_CHECK(!need_dbias || bias.has_value(), "mmcl_fast: ska_backward: need_dbias without a bias");
   // Autograd may hand a non-contiguous (e.g. expanded) gradient: made contiguous, not rejected.
   const at::Tensor dout = grad_out.contiguous();
@@ -1230,7 +1355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_backward_cuda(
       f.gcol = gcol.const_data_ptr<float>();
       f.delta = delta.data_ptr<float>();
       set_dims(f, s, scale);
-      f.mode = kRowPG;
+      f.mode = kRowPG;  // sum_j P_ij G_j: the undropped P (f.drop_thr stays 0)
       dispatch_fwd<scalar_t>(f, static_cast<int>(s.B), stream);
     }
     BwdParams<scalar_t> p{};
@@ -1254,6 +1379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_backward_cuda(
     p.dbias = dbias_mode == 1 ? dbias.data_ptr<scalar_t>() : nullptr;
     p.dbias32 = dbias_mode == 2 ? dbias.data_ptr<float>() : nullptr;
     set_dims(p, s, scale);
+    set_dropout(p, dropout_p, dropout_seed);
     p.dk_atomic = dk_atomic;
     p.dbias_mode = dbias_mode;
     dispatch_bwd<scalar_t>(p, static_cast<int>(s.B), stream);

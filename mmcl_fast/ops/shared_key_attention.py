@@ -131,6 +131,32 @@ def _check_teacher(name, t, shape, q):
         raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
 
 
+def _check_dropout(dropout_p, dropout_seed, q) -> Tuple[float, Optional[torch.Tensor]]:
+    """(p, seed tensor int64 [1] on q's device, or None when p = 0). A seed of None is drawn from
+    torch's generator of q's device, so torch.manual_seed makes runs repeatable."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    p = float(dropout_p)
+    if not (0.0 <= p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if p == 0.0:
+        return 0.0, None
+    if dropout_seed is None:
+        return p, torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=q.device)
+    if isinstance(dropout_seed, torch.Tensor):
+        if dropout_seed.dtype != torch.int64 or dropout_seed.numel() != 1:
+            raise TypeError(f"dropout_seed must be an int or an int64 tensor with one element, got "
+                            f"{dropout_seed.dtype} {_shape(dropout_seed)}")
+        return p, dropout_seed.reshape(1).to(q.device)
+    if isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int):
+        raise TypeError(f"dropout_seed must be an int, an int64 tensor or None, got {type(dropout_seed).__name__}")
+    if not -(2**63) <= dropout_seed < 2**64:
+        raise ValueError(f"dropout_seed must fit in 64 bits, got {dropout_seed}")
+    if dropout_seed >= 2**63:
+        dropout_seed -= 2**64
+    return p, torch.tensor([dropout_seed], dtype=torch.int64, device=q.device)
+
+
 def _choose(q) -> str:
     return _backend.choose_backend(_OP, q.device, q.dtype, contiguous=True, gpu_preference=_GPU_PREFERENCE)
 
@@ -156,11 +182,56 @@ def _reference_probs(S, key_padding_mask):
     return P.masked_fill(empty, 0.0)
 
 
-def reference_attention(q, k, v, bias=None, key_padding_mask=None, scale=None):
-    """The spec of the attention output, materialising S and P (no checks)."""
+# -- dropout on P: counter-based, so that the backward regenerates the forward's mask -------------
+DROPOUT_TAG = 0x64726F70  # "drop": Philox counter word c3, apart from family A's noise counters
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """Keys whose 24-bit draw is below this are dropped: ceil(p 2^24) (in double, as every kernel
+    computes it), so P(keep) = 1 - thr / 2^24, p rounded up to a multiple of 2^-24."""
+    return min(int(math.ceil(float(dropout_p) * 16777216.0)), 1 << 24)
+
+
+def dropout_keep(seed: int, B: int, H: int, Lq: int, Lk: int, dropout_p: float, device=None) -> torch.Tensor:
+    """The keep mask [B, H, Lq, Lk] (bool) of dropout on P, the spec every backend draws:
+
+        (x0, x1, x2, x3) = Philox4x32-10(counter (j >> 2, i, b H + h, DROPOUT_TAG), key (seed lo, seed hi))
+        keep_bhij = (x_(j & 3) >> 8) >= ceil(p 2^24)
+
+    so one Philox call serves four neighbouring keys, and nothing depends on how a kernel tiles."""
+    from .modality_step import _MASK32, philox4x32_10
+
+    seed &= (1 << 64) - 1
+    g = torch.arange((Lk + 3) // 4, dtype=torch.int64, device=device)
+    i = torch.arange(Lq, dtype=torch.int64, device=device)
+    bh = torch.arange(B * H, dtype=torch.int64, device=device)
+    c0 = g.view(1, 1, -1).expand(B * H, Lq, -1)
+    c1 = i.view(1, -1, 1).expand_as(c0)
+    c2 = bh.view(-1, 1, 1).expand_as(c0)
+    x = philox4x32_10(c0.contiguous(), c1, c2, DROPOUT_TAG, seed & _MASK32, seed >> 32)
+    words = torch.stack(x, dim=-1).reshape(B * H, Lq, -1)[..., :Lk]  # word j & 3 of group j >> 2
+    return ((words >> 8) >= dropout_threshold(dropout_p)).reshape(B, H, Lq, Lk)
+
+
+def _dropped(P, dropout_p, dropout_seed):
+    """P Z with Z = keep / (1 - p): the probabilities that multiply v."""
+    if not dropout_p:
+        return P
+    B, H, Lq, Lk = P.shape
+    keep = dropout_keep(_seed_int(dropout_seed), B, H, Lq, Lk, dropout_p, P.device)
+    return P * keep.to(P.dtype) * (1.0 / (1.0 - dropout_p))
+
+
+def _seed_int(seed) -> int:
+    return int(seed.reshape(-1)[0].item()) if isinstance(seed, torch.Tensor) else int(seed)
+
+
+def reference_attention(q, k, v, bias=None, key_padding_mask=None, scale=None, dropout_p=0.0, dropout_seed=None):
+    """The spec of the attention output, materialising S and P (no checks); with dropout_p > 0,
+    out = (P Z) v, Z = dropout_keep(dropout_seed, ...) / (1 - dropout_p)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     P = _reference_probs(_reference_scores(q, k, bias, key_padding_mask, scale), key_padding_mask)
-    return torch.matmul(P, v)
+    return torch.matmul(_dropped(P, dropout_p, dropout_seed), v)
 
 
 def _valid(mask, like):
@@ -274,7 +345,7 @@ class _FusedScoresDistill(torch.autograd.Function):
     the loss were most of a GPU step's time)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, kpm, qpm, tw, th, scale, normalize, backend):
+    def forward(ctx, q, k, v, bias, kpm, qpm, tw, th, scale, normalize, backend, dropout_p, seed):
         fwd, _, maps = _kernel_ops(backend)
         acc = acc_dtype(q.dtype)
         q, v = q.contiguous(), v.contiguous()
@@ -284,18 +355,18 @@ class _FusedScoresDistill(torch.autograd.Function):
         qpm = None if qpm is None else qpm.contiguous()
         tw = None if tw is None else tw.detach().to(acc).contiguous()
         th = None if th is None else th.detach().to(acc).contiguous()
-        out, lse, _ = fwd(q, k4, v, b4, kpm, None, scale, False)
+        out, lse, _ = fwd(q, k4, v, b4, kpm, None, scale, False, dropout_p, seed)
         _, _, dist, gw, gu = maps(q, k4, b4, kpm, qpm, tw, th, scale, normalize)
         ctx.save_for_backward(q, k4, v, b4, kpm, qpm, out, lse, gw if tw is not None else None,
-                              gu if th is not None else None)
-        ctx.scale, ctx.backend = scale, backend
+                              gu if th is not None else None, seed)
+        ctx.scale, ctx.backend, ctx.dropout_p = scale, backend, dropout_p
         ctx.k_shape, ctx.bias_shape = tuple(k.shape), None if bias is None else tuple(bias.shape)
         return out, dist.mean()
 
     @staticmethod
     def backward(ctx, grad_out, grad_loss):
         refuse_double_backward(ctx, "shared_key_attention_distill")
-        q, k4, v, b4, kpm, qpm, out, lse, gw, gu = ctx.saved_tensors
+        q, k4, v, b4, kpm, qpm, out, lse, gw, gu, seed = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         if grad_loss is None:
@@ -306,9 +377,9 @@ class _FusedScoresDistill(torch.autograd.Function):
             gu = None if gu is None else gu * c
         need_dbias = b4 is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = _kernel_ops(ctx.backend)[1](grad_out.contiguous(), q, k4, v, b4, kpm, qpm, out, lse,
-                                                        None, gw, gu, ctx.scale, need_dbias)
+                                                        None, gw, gu, ctx.scale, need_dbias, ctx.dropout_p, seed)
         dbias = dbias.reshape(ctx.bias_shape) if need_dbias else None
-        return dq, dk.reshape(ctx.k_shape), dv, dbias, None, None, None, None, None, None, None
+        return dq, dk.reshape(ctx.k_shape), dv, dbias, None, None, None, None, None, None, None, None, None
 
 
 # -- the kernels ---------------------------------------------------------------------------------
@@ -322,34 +393,36 @@ def _kernel_ops(backend: str):
     return torch.ops.mmcl_fast.ska_forward, torch.ops.mmcl_fast.ska_backward, torch.ops.mmcl_fast.ska_score_maps
 
 
-def _kernel_forward(backend, q, k, v, bias, key_padding_mask, query_padding_mask, scale, need_colsum):
+def _kernel_forward(backend, q, k, v, bias, key_padding_mask, query_padding_mask, scale, need_colsum,
+                    dropout_p=0.0, seed=None):
     fwd = _kernel_ops(backend)[0]
     k4 = _as_batched(k).contiguous()
     b4 = None if bias is None else _as_batched(bias).contiguous()
     kpm = None if key_padding_mask is None else key_padding_mask.contiguous()
     qpm = None if query_padding_mask is None else query_padding_mask.contiguous()
-    out, lse, colsum = fwd(q.contiguous(), k4, v.contiguous(), b4, kpm, qpm, scale, need_colsum)
+    out, lse, colsum = fwd(q.contiguous(), k4, v.contiguous(), b4, kpm, qpm, scale, need_colsum, dropout_p, seed)
     return out, lse, colsum
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, kpm, qpm, scale, _ = inputs
+    q, k, v, bias, kpm, qpm, scale, _ = inputs[:8]
+    dropout_p, seed = (inputs[8], inputs[9]) if len(inputs) > 8 else (0.0, None)
     out, lse, _ = output
-    ctx.save_for_backward(q, k, v, bias, kpm, qpm, out, lse)
-    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, bias, kpm, qpm, out, lse, seed)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
 
 
 def _make_backward(backward_op):
     def _backward(ctx, grad_out, grad_lse, grad_colsum):
         refuse_double_backward(ctx, "shared_key_attention")
-        q, k, v, bias, kpm, qpm, out, lse = ctx.saved_tensors
+        q, k, v, bias, kpm, qpm, out, lse, seed = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         need_dbias = bias is not None and ctx.needs_input_grad[3]
         gc = None if grad_colsum is None or grad_colsum.numel() == 0 else grad_colsum.to(lse.dtype).contiguous()
         dq, dk, dv, dbias = backward_op(grad_out.contiguous(), q, k, v, bias, kpm, qpm, out, lse, gc, None,
-                                        None, ctx.scale, need_dbias)
-        return dq, dk, dv, (dbias if need_dbias else None), None, None, None, None
+                                        None, ctx.scale, need_dbias, ctx.dropout_p, seed)
+        return dq, dk, dv, (dbias if need_dbias else None), None, None, None, None, None, None
     return _backward
 
 
@@ -361,11 +434,13 @@ def _register() -> None:
     lib_fwd, lib_bwd, lib_maps = "mmcl_fast::ska_forward", "mmcl_fast::ska_backward", "mmcl_fast::ska_score_maps"
 
     @torch.library.register_fake(lib_fwd)
-    def _(q, k, v, bias, key_padding_mask, query_padding_mask, scale, need_colsum):
+    def _(q, k, v, bias, key_padding_mask, query_padding_mask, scale, need_colsum, dropout_p=0.0,
+          dropout_seed=None):
         return _fake_forward(q, k, v, need_colsum)
 
     @torch.library.register_fake(lib_bwd)
-    def _(grad_out, q, k, v, bias, kpm, qpm, out, lse, grad_colsum, grad_width, grad_height, scale, need_dbias):
+    def _(grad_out, q, k, v, bias, kpm, qpm, out, lse, grad_colsum, grad_width, grad_height, scale, need_dbias,
+          dropout_p=0.0, dropout_seed=None):
         return _fake_backward(q, k, v, bias, need_dbias)
 
     @torch.library.register_fake(lib_maps)
@@ -415,23 +490,29 @@ def _register_triton() -> None:
     _TRITON_REGISTERED = True
 
 
-def _attention(backend, q, k, v, bias, kpm, qpm, scale, need_colsum):
+def _attention(backend, q, k, v, bias, kpm, qpm, scale, need_colsum, dropout_p=0.0, seed=None):
     """(out, colsum) through the backend's kernels, differentiable in q, k, v, bias."""
     if backend == "triton":
         _register_triton()
-    out, _, colsum = _kernel_forward(backend, q, k, v, bias, kpm, qpm, scale, need_colsum)
+    out, _, colsum = _kernel_forward(backend, q, k, v, bias, kpm, qpm, scale, need_colsum, dropout_p, seed)
     return out, colsum
 
 
 # -- the public ops ------------------------------------------------------------------------------
-def shared_key_attention(q, k, v, bias=None, key_padding_mask=None, scale=None) -> torch.Tensor:
+def shared_key_attention(q, k, v, bias=None, key_padding_mask=None, scale=None, dropout_p=0.0,
+                         dropout_seed=None) -> torch.Tensor:
     """softmax(scale q k^T + bias, padded keys excluded) v, flash-style; gradients for q, k (summed
-    over the batch for a bank), v and bias (summed over the batch when broadcast)."""
+    over the batch for a bank), v and bias (summed over the batch when broadcast).
+
+    dropout_p > 0: dropout on P inside the kernels, out = (P Z) v with Z = keep / (1 - p), the keep
+    mask drawn from `dropout_seed` (an int or an int64 tensor; None: drawn from torch's generator)
+    by dropout_keep, the same on every backend; call it with dropout_p = 0 in eval."""
     _, _, _, _, _, scale = _check_inputs(q, k, v, bias, key_padding_mask, None, scale)
+    dropout_p, seed = _check_dropout(dropout_p, dropout_seed, q)
     backend = _choose(q)
     if backend == "reference":
-        return reference_attention(q, k, v, bias, key_padding_mask, scale)
-    out, _ = _attention(backend, q, k, v, bias, key_padding_mask, None, scale, False)
+        return reference_attention(q, k, v, bias, key_padding_mask, scale, dropout_p, seed)
+    out, _ = _attention(backend, q, k, v, bias, key_padding_mask, None, scale, False, dropout_p, seed)
     return out
 
 
@@ -474,14 +555,17 @@ def pooled_attention_maps(q, k, bias=None, key_padding_mask=None, query_padding_
 
 def shared_key_attention_distill(q, k, v, teacher_width=None, teacher_height=None, bias=None,
                                  key_padding_mask=None, query_padding_mask=None, scale=None,
-                                 space="scores", pool="width", normalize=True) -> Tuple[torch.Tensor, torch.Tensor]:
+                                 space="scores", pool="width", normalize=True, dropout_p=0.0,
+                                 dropout_seed=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, loss): the attention output and the asymmetric ReLU distillation loss of its pooled
     maps against the teacher's (teacher_width [B, H, Lq], teacher_height [B, H, Lk], as returned by
     pooled_attention_maps on the teacher's q, k, bias), computed on the fly. The loss is a float32
     scalar (float64 for float64 inputs) with gradients for q, k, bias (and the teacher's maps if
-    they require grad)."""
+    they require grad). dropout_p, dropout_seed: dropout on P for the output, as in
+    shared_key_attention; the pooled maps and the loss are those of the undropped attention."""
     _check_space_pool(space, pool)
     B, H, Lq, Lk, D, scale = _check_inputs(q, k, v, bias, key_padding_mask, query_padding_mask, scale)
+    dropout_p, seed = _check_dropout(dropout_p, dropout_seed, q)
     if pool in ("width", "both"):
         _check_teacher("teacher_width", teacher_width, (B, H, Lq), q)
     if pool in ("height", "both"):
@@ -489,18 +573,18 @@ def shared_key_attention_distill(q, k, v, teacher_width=None, teacher_height=Non
     backend = _choose(q)
     want_w, want_u = pool in ("width", "both"), pool in ("height", "both")
     if backend == "reference":
-        out = reference_attention(q, k, v, bias, key_padding_mask, scale)
+        out = reference_attention(q, k, v, bias, key_padding_mask, scale, dropout_p, seed)
         w, u = reference_pooled_maps(q, k, bias, key_padding_mask, query_padding_mask, scale, space)
     elif space == "scores":
         tw, th = teacher_width if want_w else None, teacher_height if want_u else None
         if not any(t is not None and t.requires_grad for t in (tw, th)):
             return _FusedScoresDistill.apply(q, k, v, bias, key_padding_mask, query_padding_mask, tw, th, scale,
-                                             normalize, backend)
+                                             normalize, backend, dropout_p, seed)
         # a teacher map that wants a gradient (unusual): the closed forms through autograd
-        out, _ = _attention(backend, q, k, v, bias, key_padding_mask, None, scale, False)
+        out, _ = _attention(backend, q, k, v, bias, key_padding_mask, None, scale, False, dropout_p, seed)
         w, u = _closed_form_maps(q, k, bias, key_padding_mask, query_padding_mask, scale, want_w, want_u)
     else:
-        out, u = _attention(backend, q, k, v, bias, key_padding_mask, query_padding_mask, scale, True)
+        out, u = _attention(backend, q, k, v, bias, key_padding_mask, query_padding_mask, scale, True, dropout_p, seed)
         w = None
     loss = distill_loss(w, u, teacher_width, teacher_height, pool, normalize)
     return out, loss
