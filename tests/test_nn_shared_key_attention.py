@@ -7,12 +7,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import mmcl_fast
 from mmcl_fast.nn import (
     AttentionMaps,
     SharedKeyAttention,
     SharedKeyBank,
     attention_distillation,
-    explicit_attention,
     record_attention_maps,
     shared_key_layers,
 )
@@ -194,27 +194,21 @@ def test_dropout_module_in_eval_equals_the_fused_path():
     torch.testing.assert_close(m1.eval()(x, kpm), m0.eval()(x, kpm), atol=0, rtol=0)
 
 
-def test_explicit_attention_is_the_ops_maths_and_its_dropout_is_on_p():
-    g = torch.Generator().manual_seed(3)
-    q, v = torch.randn(2, H, 6, D, generator=g), torch.randn(2, H, 6, D, generator=g)
-    k, bias = torch.randn(H, 6, D, generator=g), torch.randn(H, 6, 6, generator=g)
-    kpm = torch.zeros(2, 6, dtype=torch.bool)
-    kpm[0, 4:] = True
-    leaves = [t.requires_grad_(True) for t in (q, k, v, bias)]
-    a = explicit_attention(q, k, v, bias, kpm, 0.3, dropout_p=0.0)
-    b = shared_key_attention(q, k, v, bias=bias, key_padding_mask=kpm, scale=0.3)
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    go = torch.randn_like(a)
-    for ga, gb in zip(torch.autograd.grad(a, leaves, go), torch.autograd.grad(b, leaves, go)):
-        torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-5)
-    # with dropout: exactly dropout(softmax(S)) v for the same random stream
-    torch.manual_seed(11)
-    d = explicit_attention(q, k, v, bias, kpm, 0.3, dropout_p=0.5)
-    S = (q @ k.transpose(-1, -2)) * 0.3 + bias
-    P = torch.softmax(S.masked_fill(kpm[:, None, None, :], float("-inf")), -1)
-    torch.manual_seed(11)
-    torch.testing.assert_close(d, F.dropout(P, 0.5, training=True) @ v, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(d, b)
+def test_training_dropout_is_the_ops_dropout_on_p():
+    """In training the module passes its dropout to the fused op: the kernel backend and the
+    reference (which draws the same mask for the same generator state) agree, output and
+    gradients; the output differs from eval's."""
+    m = _module(dropout=0.4).train()
+    x, kpm = _x()
+    res = []
+    for backend in ("reference", None):
+        torch.manual_seed(11)
+        with mmcl_fast.use_backend(backend):
+            out = m(x, kpm)
+            res.append((out,) + torch.autograd.grad(out.square().sum(), list(m.parameters())))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(res[1][0], m.eval()(x, kpm), atol=1e-3)
 
 
 def test_training_with_dropout_drops_and_is_reproducible():
@@ -406,6 +400,25 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     out = compiled(x, kpm)
     torch.testing.assert_close(out, eager, atol=1e-6, rtol=1e-6)
+    g_eager = torch.autograd.grad(eager.sum(), [m.bank.key, m.attn_bias["default"]])
+    g_comp = torch.autograd.grad(out.sum(), [m.bank.key, m.attn_bias["default"]])
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_fullgraph_with_dropout_in_training():
+    """The dropout seed is drawn inside the graph (a tensor, no .item()): no graph break, and the
+    compiled module draws what eager draws from the same generator state."""
+    m = _module(dropout=0.3).train()
+    x, kpm = _x()
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(4)
+    out = compiled(x, kpm)
+    torch.manual_seed(4)
+    eager = m(x, kpm)
+    torch.testing.assert_close(out, eager, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(out, m.eval()(x, kpm), atol=1e-3)
     g_eager = torch.autograd.grad(eager.sum(), [m.bank.key, m.attn_bias["default"]])
     g_comp = torch.autograd.grad(out.sum(), [m.bank.key, m.attn_bias["default"]])
     for a, b in zip(g_comp, g_eager):

@@ -22,7 +22,6 @@ from .shared_key_attention import (
     SharedKeyAttention,
     SharedKeyBank,
     attention_distillation,
-    explicit_attention,
     record_attention_maps,
     shared_key_layers,
 )
@@ -34,7 +33,6 @@ __all__ = [
     "DistillLosses",
     "record_attention_maps",
     "attention_distillation",
-    "explicit_attention",
     "shared_key_layers",
     "make_banks",
     "patch_bert",

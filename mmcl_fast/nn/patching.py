@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import ops as _ops
-from .shared_key_attention import SharedKeyAttention, SharedKeyBank, explicit_attention
+from .shared_key_attention import SharedKeyAttention, SharedKeyBank
 
 __all__ = [
     "make_banks",
@@ -133,7 +133,8 @@ def hf_attention_forward(module, query, key, value, attention_mask, dropout: flo
     """transformers attention function (the signature of sdpa_attention_forward) running
     mmcl_fast.ops.shared_key_attention. query [B, H, Lq, D], key / value [B, Hkv, Lk, D];
     returns (out [B, Lq, H, D], None). A pure padding mask becomes the op's key_padding_mask, any
-    other mask a float bias; dropout > 0 (training) runs the same maths explicitly."""
+    other mask a float bias; dropout > 0 (training) is dropout on P inside the op (its mask is
+    not the one eager attention draws for the same seed)."""
     for unsupported in ("softcap", "s_aux", "sinks"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"the '{HF_ATTENTION_NAME}' attention does not support {unsupported}")
@@ -150,10 +151,8 @@ def hf_attention_forward(module, query, key, value, attention_mask, dropout: flo
         is_causal = getattr(module, "is_causal", False)
     if attention_mask is None and is_causal and Lq > 1:
         bias = _causal_bias(Lq, Lk, query.dtype, query.device).expand(1, H, Lq, Lk)
-    if dropout and dropout > 0:
-        out = explicit_attention(query, key, value, bias, kpm, scaling, float(dropout), True)
-    else:
-        out = _ops.shared_key_attention(query, key, value, bias=bias, key_padding_mask=kpm, scale=scaling)
+    out = _ops.shared_key_attention(query, key, value, bias=bias, key_padding_mask=kpm, scale=scaling,
+                                    dropout_p=float(dropout or 0.0))
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -31,7 +31,6 @@ from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .. import ops as _ops
 
@@ -44,7 +43,6 @@ __all__ = [
     "DistillLosses",
     "record_attention_maps",
     "attention_distillation",
-    "explicit_attention",
     "shared_key_layers",
 ]
 
@@ -97,19 +95,6 @@ class SharedKeyBank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, num_slots={self.num_slots}, head_dim={self.head_dim}"
-
-
-# -- attention with dropout, the same maths as the op ------------------------------------------
-def explicit_attention(q, k, v, bias=None, key_padding_mask=None, scale=None, dropout_p: float = 0.0,
-                       training: bool = True) -> torch.Tensor:
-    """``dropout(softmax(S)) v`` with S materialised: the reference maths of
-    mmcl_fast.ops.shared_key_attention (same shapes, same masking, rows without a valid key give 0)
-    plus dropout on P, which the fused op does not have. Used when training with dropout > 0."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    P = _ska._reference_probs(_ska._reference_scores(q, k, bias, key_padding_mask, scale), key_padding_mask)
-    if dropout_p > 0:
-        P = F.dropout(P, p=dropout_p, training=training)
-    return torch.matmul(P, v)
 
 
 # -- the distillation plumbing -----------------------------------------------------------------
@@ -284,10 +269,10 @@ class SharedKeyAttention(nn.Module):
             (one bias, for `modality`), a mapping ``{modality: max_len}`` (one module serving
             several streams), or None (no learned bias).
         modality: the default modality of forward() (and its bias when max_len is an int).
-        dropout: dropout on the attention probabilities P in training. The fused op has no
-            dropout, so in training with dropout > 0 the attention is computed explicitly
-            (S and P materialised, same maths, see explicit_attention); in eval, or with
-            dropout 0, it runs mmcl_fast.ops.shared_key_attention.
+        dropout: dropout on the attention probabilities P in training, inside the fused op
+            (mmcl_fast.ops.shared_key_attention's dropout_p; the mask is drawn from torch's
+            generator, so torch.manual_seed makes a step repeatable). The distillation loss is
+            of the undropped maps.
         qkv_bias: biases of the q / v (/ k) projections. out_proj: False for no output projection.
         scale: default 1/sqrt(head_dim).
 
@@ -410,20 +395,13 @@ class SharedKeyAttention(nn.Module):
                 state.record(key, q, k, bias, kpm, self.scale)
             else:
                 tw, th = state.teacher(key)
-                if p > 0:
-                    out = explicit_attention(q, k, v, bias, kpm, self.scale, p, True)
-                    w, u = _ops.pooled_attention_maps(q, k, bias, kpm, kpm, self.scale, space=state.space)
-                    loss = _ska.distill_loss(w, u, tw, th, state.pool, state.normalize)
-                else:
-                    out, loss = _ops.shared_key_attention_distill(
-                        q, k, v, teacher_width=tw, teacher_height=th, bias=bias, key_padding_mask=kpm,
-                        query_padding_mask=kpm, scale=self.scale, space=state.space, pool=state.pool,
-                        normalize=state.normalize)
+                out, loss = _ops.shared_key_attention_distill(
+                    q, k, v, teacher_width=tw, teacher_height=th, bias=bias, key_padding_mask=kpm,
+                    query_padding_mask=kpm, scale=self.scale, space=state.space, pool=state.pool,
+                    normalize=state.normalize, dropout_p=p)
                 state.add(key, loss)
                 return out
-        if p > 0:
-            return explicit_attention(q, k, v, bias, kpm, self.scale, p, True)
-        return _ops.shared_key_attention(q, k, v, bias=bias, key_padding_mask=kpm, scale=self.scale)
+        return _ops.shared_key_attention(q, k, v, bias=bias, key_padding_mask=kpm, scale=self.scale, dropout_p=p)
 
     def forward(self, hidden_states: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
                 modality: Optional[str] = None) -> torch.Tensor:
