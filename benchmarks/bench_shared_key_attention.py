@@ -7,6 +7,9 @@ One group per shape, B-<B>x<L> (H 12, D 64; a key bank [H, L, D] shared by the b
   sdpa_float_bias      F.scaled_dot_product_attention with the bias and mask as a float mask:
                        the attention alone, no distillation loss (the PyTorch-native peer)
   ours[backend]        shared_key_attention_distill on each of our backends present
+Groups B-drop-<B>x<L>: the attention alone (no loss) with dropout 0.1 on P, as in training:
+eager_dropout (S, P materialised, F.dropout), sdpa_dropout (SDPA's dropout_p), ours, and ours_p0
+(ours without dropout: what the mask costs).
 Each records `peak_mb`: on a GPU torch.cuda.max_memory_allocated over one step beyond the inputs;
 on the CPU the peak resident memory of one step in a fresh process beyond that before the step
 (its high-water mark reset first)
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import mmcl_fast
-from mmcl_fast.ops import shared_key_attention_distill
+from mmcl_fast.ops import shared_key_attention, shared_key_attention_distill
 
 from conftest import cpu_step_peak_mb, present_backends, run_bench, small
 
@@ -136,6 +139,51 @@ def test_attention_distill_fwd_bwd(benchmark, device, name, B, L):
     t = make(B, L, device)
     peak = _peak_mb(backend or name, B, L, device)
     run_bench(benchmark, device, lambda: step(fn, t), rounds=ROUNDS, peak_mb=peak)
+
+
+# -- attention with dropout on P (training), no loss: groups B-drop-<B>x<L> -------------------------
+DROP_P = 0.1
+DROP_SHAPES = [(2, 7)] if small() else [(8, 61), (32, 128), (8, 197)]
+
+
+def eager_dropout(t):
+    """The PyTorch way (and what SharedKeyAttention did before the kernels had dropout): S and P
+    materialised, F.dropout on P."""
+    S = t["q"] @ t["k"].transpose(-1, -2) * D ** -0.5 + t["bias"]
+    P = torch.softmax(S.masked_fill(t["kpm"][:, None, None, :], float("-inf")), -1)
+    return F.dropout(P, DROP_P, training=True) @ t["v"]
+
+
+def sdpa_dropout(t):
+    B = t["q"].shape[0]
+    mask = t["bias"].unsqueeze(0).expand(B, -1, -1, -1).masked_fill(t["kpm"][:, None, None, :], float("-inf"))
+    return F.scaled_dot_product_attention(t["q"], t["k"].unsqueeze(0).expand(B, -1, -1, -1), t["v"], attn_mask=mask,
+                                          dropout_p=DROP_P)
+
+
+def ours_dropout(backend, p=DROP_P):
+    def fn(t):
+        with mmcl_fast.use_backend(backend):
+            return shared_key_attention(t["q"], t["k"], t["v"], t["bias"], t["kpm"], dropout_p=p)
+    return fn
+
+
+DROP_COMPETITORS = {"eager_dropout": eager_dropout, "sdpa_dropout": sdpa_dropout}
+
+
+@pytest.mark.parametrize("B,L", DROP_SHAPES, ids=[f"{b}x{n}" for b, n in DROP_SHAPES])
+@pytest.mark.parametrize("name", list(DROP_COMPETITORS) + [f"ours[{b}]" for b in BACKENDS]
+                         + [f"ours_p0[{b}]" for b in BACKENDS])
+def test_attention_dropout_fwd_bwd(benchmark, device, name, B, L):
+    """Forward + backward of the attention alone with dropout 0.1 on P (peak memory not recorded);
+    ours_p0 is ours without dropout, the cost of the mask."""
+    benchmark.group = f"B-drop-{B}x{L}"
+    if name.startswith("ours"):
+        fn = ours_dropout(name[name.index("[") + 1:-1], 0.0 if name.startswith("ours_p0") else DROP_P)
+    else:
+        fn = DROP_COMPETITORS[name]
+    t = make(B, L, device)
+    run_bench(benchmark, device, lambda: step(lambda x: (fn(x), None), t), rounds=ROUNDS)
 
 
 def _measure_rss(name, B, L):

@@ -6,6 +6,8 @@ reference (every backend's gradients), gradcheck in float64. Every backend runs 
 """
 import importlib
 import math
+import os
+import tempfile
 
 import pytest
 import torch
@@ -847,3 +849,40 @@ def test_opcheck_with_dropout(backend):
     torch.library.opcheck(bwd.default, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), b.detach(), kpm,
                                         qpm, out, lse, torch.randn_like(colsum), None, None, 0.3, True, 0.25, seed),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_cpu_dropout_mask_forms_agree():
+    """The C++ kernel draws a row of the mask with AVX2 intrinsics where the CPU has them, else
+    with a portable loop; MMCL_FAST_PORTABLE_DROPOUT=1 forces the portable one (in a fresh
+    process: the choice is made once). Both give the same output, bit for bit, at key counts that
+    end a vector of 8 groups early (Lk 13, 129)."""
+    import subprocess
+    import sys
+
+    _skip_unless("cpu")
+    code = (
+        "import torch, mmcl_fast\n"
+        "from mmcl_fast.ops import shared_key_attention\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "outs = []\n"
+        "for Lq, Lk in ((7, 13), (5, 129)):\n"
+        "    q, v = torch.randn(2, 3, Lq, 16, generator=g), torch.randn(2, 3, Lk, 16, generator=g)\n"
+        "    k = torch.randn(3, Lk, 16, generator=g)\n"
+        "    with mmcl_fast.use_backend('cpu'):\n"
+        "        outs.append(shared_key_attention(q, k, v, dropout_p=0.3, dropout_seed=-12345).flatten())\n"
+        "torch.save(torch.cat(outs), OUT)\n")
+    results = []
+    for portable in (False, True):
+        env = {k: v for k, v in os.environ.items() if k != "MMCL_FAST_PORTABLE_DROPOUT"}
+        if portable:
+            env["MMCL_FAST_PORTABLE_DROPOUT"] = "1"
+        out = os.path.join(tempfile.mkdtemp(), "out.pt")
+        subprocess.run([sys.executable, "-c", f"OUT = {out!r}\n" + code], env=env, check=True, timeout=300)
+        results.append(torch.load(out))
+    assert torch.equal(results[0], results[1])
+    # and it is the reference's mask
+    g = torch.Generator().manual_seed(0)
+    q, v = torch.randn(2, 3, 7, 16, generator=g), torch.randn(2, 3, 13, 16, generator=g)
+    k = torch.randn(3, 13, 16, generator=g)
+    expect = ska.reference_attention(q.double(), k.double(), v.double(), None, None, None, 0.3, -12345)
+    _close(results[0][:expect.numel()].view_as(expect), expect, 2e-5, "out")
