@@ -1,10 +1,14 @@
 """Where the time of op family B goes: each backend's attention forward alone, forward + backward,
 forward + backward with the distillation loss, the raw kernel ops without the Python wrapper (the
-forward, the backward with the map gradients, the score maps), and SDPA, at two MSPT shapes; then
+forward, the backward with the map gradients, the score maps; the forward and backward with
+dropout 0.1 and the backward without, the mask's cost), and SDPA, at two MSPT shapes; then
 torch.profiler's table of one backend's full step. On a GPU the cuda and triton backends; without
 one (or with `cpu`) the C++ CPU backend. Medians (mean of n calls on a GPU) in ms.
 
     python benchmarks/profile_shared_key_attention.py [cuda|triton|cpu]
+
+(MMCL_FAST_PORTABLE_DROPOUT=1: the C++ kernel draws the dropout mask with its portable loop
+instead of AVX2 intrinsics, to compare the two forms.)
 """
 import importlib
 import sys
@@ -72,6 +76,12 @@ def main(profiled=None):
                       f"{timeit(lambda: fwd(*args)):.3f} ms, bwd "
                       f"{timeit(lambda: bwd(t['dout'], *args[:5], None, out, lse, None, gw, gu, args[6], True)):.3f} ms, "
                       f"maps {timeit(lambda: maps(*args[:2], args[3], args[4], None, tw, th, args[6], True)):.3f} ms")
+                seed = torch.tensor([7], device=dev)
+                dargs = args + (0.1, seed)
+                dout_, dlse, _ = fwd(*dargs)
+                print(f"B {B} L {L} {be:6s} raw ops with dropout 0.1: fwd {timeit(lambda: fwd(*dargs)):.3f} ms, bwd "
+                      f"{timeit(lambda: bwd(t['dout'], *args[:5], None, dout_, dlse, None, None, None, args[6], True, 0.1, seed)):.3f} ms"
+                      f"; without: bwd {timeit(lambda: bwd(t['dout'], *args[:5], None, out, lse, None, None, None, args[6], True)):.3f} ms")
         print(f"B {B} L {L} sdpa   fwd+bwd {timeit(lambda: b.step(b.sdpa_float_bias, t)):.3f} ms")
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if GPU else [])
     with torch.profiler.profile(activities=acts) as prof:

@@ -427,8 +427,10 @@ MMCL_INLINE int64_t active_keys(const Problem<T>& p, int64_t b) {
 // pair bh, one Philox call per group of four keys (word e for key 4 g + e). Two forms: AVX2
 // intrinsics (8 groups per vector: the 32 x 32 -> 64-bit products by vpmuludq on the even and odd
 // lanes, and the words transposed to key order in registers) and a portable loop. GCC's own
-// vectorisation of the portable loop spends most of its time in shuffles; the AVX2 form draws a
-// row about twice as fast (measured: ~6 vs ~13 ns per Philox call on this repo's 2-core VM).
+// vectorisation of the portable loop spends most of its time in shuffles: on this repo's 2-core
+// VM at B 32, H 12, L 128 the raw backward with dropout took 38.5-39.3 ms with the AVX2 form and
+// 46.0-47.8 ms with the portable one (34-35 ms without dropout; two runs each of
+// [MMCL_FAST_PORTABLE_DROPOUT=1] python benchmarks/profile_shared_key_attention.py cpu).
 // Both write 4 round_up(ng, 8) floats (the AVX2 form's last vector may run past the row's keys).
 constexpr int64_t kKeepGroups = kBN / 4;
 
