@@ -45,14 +45,11 @@
 #include <cstdint>
 #include <tuple>
 
+#include "dispatch.h"
+
 namespace mmcl_fast {
 namespace {
 
-#define MMCL_DISPATCH_FHB(TYPE, NAME, ...)                                \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                          \
-                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
 // The kernels' score kinds: distmult, complex and dot are one dot product.
 enum ScoreKind : int { kL1 = 0, kL2 = 1, kDot = 2, kRotate = 4 };

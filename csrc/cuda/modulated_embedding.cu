@@ -70,15 +70,11 @@
 #include <tuple>
 #include <vector>
 
+#include "dispatch.h"
+
 namespace mmcl_fast {
 namespace {
 
-// float32, float16 and bfloat16 only (double is the CPU kernel's business).
-#define MMCL_DISPATCH_FHB(TYPE, NAME, ...)                          \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                    \
-                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
 constexpr int kRowThreads = 256;              // threads per block of the embedding kernels
 constexpr int kRowWarps = kRowThreads / 32;   // rows (samples) in flight per block
