@@ -72,7 +72,8 @@
 //    rows in both kernels, so __syncwarp orders the pass. The seed is read on the device (no
 //    host sync) and only when dropout is on. thr = 0 means no dropout: a uniform branch skips the
 //    pass, and the backward's score loop is instantiated for both cases, so that the p = 0 code
-//    is what it was (a runtime test per element made the compiler version the loops otherwise).
+//    keeps its shape (with a runtime test per element, the SASS instruction mix of the p = 0 path
+//    changed; compared once with nvcc 13.0 for sm_90 outside the repo, not timed on a GPU).
 //  * Backward: Delta_i = grad_out_i . out_i (ska_delta_kernel, a warp per row); when grad_colsum
 //    is given, the forward kernel in "rowpg" mode sweeps the keys with the saved lse and adds
 //    valid_i sum_j P_ij G_j to Delta_i (the whole of Delta is needed before any dS is formed).
@@ -119,6 +120,7 @@
 
 #include "../philox.h"
 #include "../ska_dropout.h"
+#include "dispatch.h"
 
 namespace mmcl_fast {
 namespace {
@@ -377,8 +379,8 @@ __device__ __forceinline__ void dropout_tile(float* __restrict__ tile, const int
                                              uint32_t thr, float rscale) {
   constexpr int PS = BN + 4, G = BN / 4, ROWS = 4 * TM;
   static_assert((G & (G - 1)) == 0, "groups per row: a power of two");
-  // a plain load: __ldg here changed how the compiler unrolled the rest of the kernels (the
-  // tile loads and score products), in the p = 0 path too
+  // a plain load: with __ldg here the SASS of the rest of the kernels (the tile loads and score
+  // products) changed, in the p = 0 path too (seen once with nvcc 13.0 for sm_90; not timed)
   const uint64_t sd = static_cast<uint64_t>(*seed);
   const uint32_t k0 = static_cast<uint32_t>(sd), k1 = static_cast<uint32_t>(sd >> 32);
   const int r0 = (threadIdx.x >> 5) * ROWS;
@@ -1057,13 +1059,6 @@ __global__ void __launch_bounds__(kMapThreads, 4) ska_maps_kernel(const MapParam
 // Host side
 // ---------------------------------------------------------------------------------------------
 
-// float32, float16, bfloat16 only (float64 is rejected by check_inputs: its lse would have to be
-// float64, and the CPU kernel serves it).
-#define MMCL_SKA_DISPATCH(TYPE, NAME, ...)                       \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)    \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)     \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 int head_dim_bucket(int64_t D) {
   if (D <= 32) return 32;
@@ -1259,7 +1254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ska_forward_cuda(
   at::Tensor lse = at::empty({s.B, s.H, s.Lq}, f32);
   at::Tensor colsum = need_colsum ? at::zeros({s.B, s.H, s.Lk}, f32) : at::empty({0}, f32);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  MMCL_SKA_DISPATCH(q.scalar_type(), "ska_forward_cuda", [&] {
+  MMCL_DISPATCH_FHB(q.scalar_type(), "ska_forward_cuda", [&] {
     FwdParams<scalar_t> p{};
     p.q = q.const_data_ptr<scalar_t>();
     p.k = k.const_data_ptr<scalar_t>();
@@ -1333,7 +1328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_backward_cuda(
     dbias = at::empty({0}, bias.has_value() ? bias->options() : q.options());
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  MMCL_SKA_DISPATCH(q.scalar_type(), "ska_backward_cuda", [&] {
+  MMCL_DISPATCH_FHB(q.scalar_type(), "ska_backward_cuda", [&] {
     const int64_t rows = s.B * s.H * s.Lq;
     constexpr int rows_per_block = kDeltaThreads / 32;
     ska_delta_kernel<scalar_t><<<(rows + rows_per_block - 1) / rows_per_block, kDeltaThreads, 0,
@@ -1409,7 +1404,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ska_score
   at::Tensor gw = teacher_width.has_value() ? at::empty({s.B, s.H, s.Lq}, f32) : at::empty({0}, f32);
   at::Tensor gu = teacher_height.has_value() ? at::empty({s.B, s.H, s.Lk}, f32) : at::empty({0}, f32);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  MMCL_SKA_DISPATCH(q.scalar_type(), "ska_score_maps_cuda", [&] {
+  MMCL_DISPATCH_FHB(q.scalar_type(), "ska_score_maps_cuda", [&] {
     MapParams<scalar_t> p{};
     p.q = q.const_data_ptr<scalar_t>();
     p.k = k.const_data_ptr<scalar_t>();

@@ -29,6 +29,7 @@ The reference backend (plain PyTorch, the spec) materialises S and P, as the see
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -134,7 +135,7 @@ def _check_teacher(name, t, shape, q):
 def _check_dropout(dropout_p, dropout_seed, q) -> Tuple[float, Optional[torch.Tensor]]:
     """(p, seed tensor int64 [1] on q's device, or None when p = 0). A seed of None is drawn from
     torch's generator of q's device, so torch.manual_seed makes runs repeatable."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
     p = float(dropout_p)
     if not (0.0 <= p < 1.0):
@@ -148,8 +149,9 @@ def _check_dropout(dropout_p, dropout_seed, q) -> Tuple[float, Optional[torch.Te
             raise TypeError(f"dropout_seed must be an int or an int64 tensor with one element, got "
                             f"{dropout_seed.dtype} {_shape(dropout_seed)}")
         return p, dropout_seed.reshape(1).to(q.device)
-    if isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int):
+    if isinstance(dropout_seed, bool) or not isinstance(dropout_seed, numbers.Integral):
         raise TypeError(f"dropout_seed must be an int, an int64 tensor or None, got {type(dropout_seed).__name__}")
+    dropout_seed = int(dropout_seed)
     if not -(2**63) <= dropout_seed < 2**64:
         raise ValueError(f"dropout_seed must fit in 64 bits, got {dropout_seed}")
     if dropout_seed >= 2**63:
@@ -223,6 +225,8 @@ def _dropped(P, dropout_p, dropout_seed):
 
 
 def _seed_int(seed) -> int:
+    if seed is None:
+        raise ValueError("dropout_seed is required when dropout_p > 0 (an int or an int64 tensor)")
     return int(seed.reshape(-1)[0].item()) if isinstance(seed, torch.Tensor) else int(seed)
 
 
@@ -405,8 +409,7 @@ def _kernel_forward(backend, q, k, v, bias, key_padding_mask, query_padding_mask
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, kpm, qpm, scale, _ = inputs[:8]
-    dropout_p, seed = (inputs[8], inputs[9]) if len(inputs) > 8 else (0.0, None)
+    q, k, v, bias, kpm, qpm, scale, _, dropout_p, seed = inputs  # (the dispatcher fills in defaults)
     out, lse, _ = output
     ctx.save_for_backward(q, k, v, bias, kpm, qpm, out, lse, seed)
     ctx.scale, ctx.dropout_p = scale, dropout_p
