@@ -70,6 +70,7 @@
 
 #include "cpu/cpu_clones.h"
 #include "cpu/simd.h"
+#include "philox.h"
 #include "ska_dropout.h"
 
 namespace mmcl_fast {
@@ -426,43 +427,23 @@ MMCL_INLINE int64_t active_keys(const Problem<T>& p, int64_t b) {
 // The keep flags (1.f / 0.f) of one row of dropout: keys 4 g0 .. 4 (g0 + ng) - 1 of query i of
 // pair bh, one Philox call per group of four keys (word e for key 4 g + e). Two forms: AVX2
 // intrinsics (8 groups per vector: the 32 x 32 -> 64-bit products by vpmuludq on the even and odd
-// lanes, and the words transposed to key order in registers) and a portable loop. GCC's own
-// vectorisation of the portable loop spends most of its time in shuffles: on this repo's 2-core
-// VM at B 32, H 12, L 128 the raw backward with dropout took 38.5-39.3 ms with the AVX2 form and
-// 46.0-47.8 ms with the portable one (34-35 ms without dropout; two runs each of
-// [MMCL_FAST_PORTABLE_DROPOUT=1] python benchmarks/profile_shared_key_attention.py cpu).
-// Both write 4 round_up(ng, 8) floats (the AVX2 form's last vector may run past the row's keys).
+// lanes, and the words transposed to key order in registers) and a portable loop over
+// ../philox.h's scalar function. The AVX2 form replaced GCC's vectorisation of the loop in
+// structure-of-arrays form, which spent most of its time in shuffles: at B 32, H 12, L 128 on this
+// repo's 2-core VM the raw backward with dropout took 38.5-39.3 ms with the AVX2 form and
+// 46.0-47.8 ms with that loop (34-35 ms without dropout; two runs each of
+// [MMCL_FAST_PORTABLE_DROPOUT=1] python benchmarks/profile_shared_key_attention.py cpu). The scalar
+// loop now in its place is simpler; two runs of the same command on a busier VM did not separate it
+// from the AVX2 form (backward with minus without dropout: 6.0 and 8.4 ms AVX2, 4.8 and 15.0 ms
+// scalar).
+// The AVX2 form writes 4 round_up(ng, 8) floats (its last vector may run past the row's keys).
 constexpr int64_t kKeepGroups = kBN / 4;
 
 inline void keep_row_portable(uint32_t k0, uint32_t k1, uint32_t i, uint32_t bh, uint32_t g0,
                               int64_t ng, uint32_t thr, float* keep) {
-  uint32_t c0[kKeepGroups], c1[kKeepGroups], c2[kKeepGroups], c3[kKeepGroups];
   for (int64_t g = 0; g < ng; ++g) {
-    c0[g] = g0 + static_cast<uint32_t>(g);
-    c1[g] = i;
-    c2[g] = bh;
-    c3[g] = kDropoutTag;
-  }
-  for (int r = 0; r < 10; ++r) {
-    for (int64_t g = 0; g < ng; ++g) {
-      const uint64_t a = static_cast<uint64_t>(0xD2511F53u) * c0[g];
-      const uint64_t b = static_cast<uint64_t>(0xCD9E8D57u) * c2[g];
-      const uint32_t n0 = static_cast<uint32_t>(b >> 32) ^ c1[g] ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(a >> 32) ^ c3[g] ^ k1;
-      c0[g] = n0;
-      c1[g] = static_cast<uint32_t>(b);
-      c2[g] = n2;
-      c3[g] = static_cast<uint32_t>(a);
-    }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  for (int64_t g = 0; g < round_up(ng, 8); ++g) {
-    const bool in = g < ng;
-    keep[4 * g] = in && (c0[g] >> 8) >= thr ? 1.f : 0.f;
-    keep[4 * g + 1] = in && (c1[g] >> 8) >= thr ? 1.f : 0.f;
-    keep[4 * g + 2] = in && (c2[g] >> 8) >= thr ? 1.f : 0.f;
-    keep[4 * g + 3] = in && (c3[g] >> 8) >= thr ? 1.f : 0.f;
+    const Philox4 x = philox4x32_10(g0 + static_cast<uint32_t>(g), i, bh, kDropoutTag, k0, k1);
+    for (int e = 0; e < 4; ++e) keep[4 * g + e] = (x.x[e] >> 8) >= thr ? 1.f : 0.f;
   }
 }
 
