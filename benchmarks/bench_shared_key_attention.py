@@ -8,8 +8,8 @@ One group per shape, B-<B>x<L> (H 12, D 64; a key bank [H, L, D] shared by the b
                        the attention alone, no distillation loss (the PyTorch-native peer)
   ours[backend]        shared_key_attention_distill on each of our backends present
 Groups B-drop-<B>x<L>: the attention alone (no loss) with dropout 0.1 on P, as in training:
-eager_dropout (S, P materialised, F.dropout), sdpa_dropout (SDPA's dropout_p), ours, and ours_p0
-(ours without dropout: what the mask costs).
+eager_dropout (S, P materialised, F.dropout), compiled_dropout (torch.compile of it), sdpa_dropout
+(SDPA's dropout_p), ours, and ours_p0 (ours without dropout: what the mask costs).
 Each records `peak_mb`: on a GPU torch.cuda.max_memory_allocated over one step beyond the inputs;
 on the CPU the peak resident memory of one step in a fresh process beyond that before the step
 (its high-water mark reset first)
@@ -168,7 +168,12 @@ def ours_dropout(backend, p=DROP_P):
     return fn
 
 
-DROP_COMPETITORS = {"eager_dropout": eager_dropout, "sdpa_dropout": sdpa_dropout}
+def compiled_dropout(t):
+    return _compiled.setdefault("dropout", torch.compile(eager_dropout))(t)
+
+
+DROP_COMPETITORS = {"eager_dropout": eager_dropout, "compiled_dropout": compiled_dropout,
+                    "sdpa_dropout": sdpa_dropout}
 
 
 @pytest.mark.parametrize("B,L", DROP_SHAPES, ids=[f"{b}x{n}" for b, n in DROP_SHAPES])
