@@ -3,6 +3,8 @@
 The CPU kernels are always compiled; the CUDA kernels when torch was built with CUDA and nvcc is
 found. Environment switches:
   MMCL_FAST_FORCE_CUDA=1   compile the CUDA kernels or fail loudly (used by CI's compile check)
+  MMCL_FAST_CPU_ONLY=1     skip the CUDA kernels even when nvcc is there (a build of the C++ CPU
+                           kernels alone takes a fraction of the time: for iterating on them)
   MMCL_FAST_NO_EXT=1       build no extension at all (the package then runs on the reference)
   MMCL_FAST_CUDA_ARCH      e.g. "8.0;9.0" (otherwise TORCH_CUDA_ARCH_LIST, else "8.0;9.0")
 Install with `pip install --no-build-isolation .`: an isolated build would fetch its own torch.
@@ -47,9 +49,12 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     force_cuda = _flag("MMCL_FAST_FORCE_CUDA")
+    cpu_only = _flag("MMCL_FAST_CPU_ONLY")
+    if force_cuda and cpu_only:
+        raise RuntimeError("MMCL_FAST_FORCE_CUDA=1 and MMCL_FAST_CPU_ONLY=1 contradict each other")
     nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
     has_nvcc = bool(nvcc) and os.path.exists(nvcc)
-    with_cuda = torch.version.cuda is not None and has_nvcc
+    with_cuda = torch.version.cuda is not None and has_nvcc and not cpu_only
     if force_cuda and not with_cuda:
         raise RuntimeError(
             "MMCL_FAST_FORCE_CUDA=1 but the CUDA kernels cannot be built: "
@@ -81,7 +86,8 @@ def _extensions():
         print(f"mmcl_fast: building CPU + CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")
     else:
         ext = CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
-        why = "torch has no CUDA" if torch.version.cuda is None else "nvcc not found"
+        why = ("MMCL_FAST_CPU_ONLY=1" if cpu_only else
+               "torch has no CUDA" if torch.version.cuda is None else "nvcc not found")
         print(f"mmcl_fast: building CPU kernels only ({why})")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

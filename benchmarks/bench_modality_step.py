@@ -6,6 +6,16 @@ Groups (DESIGN.md section 11):
             torch AdamW foreach), torch.compile of that loop, and ModalityAdamW on each backend.
   A-plain-k noise off, k != 1: torch._foreach_mul_ + torch.optim.AdamW(fused=True) vs ours.
   A-copy    a plain copy of the same bytes, for the bandwidth column.
+  A-rows    a KGE step's optimizer work: an entity table 15,000 x 200 and a relation table 237 x 200,
+            of which one batch (1024 positives x (2 + 16 negatives) random entity ids, 1024
+            relation ids) touches the rows (~70% of the entities distinct). Timed: the step from
+            the backward's output (p.grad) to the updated tables, including what turns that output
+            into the step (SparseAdam's and our coalescing of the uncoalesced embedding gradient):
+            torch.optim.Adam on the dense gradient (first: the baseline; what PyKEEN and a plain
+            loop do), torch.optim.SparseAdam on the sparse gradient, our fused dense ModalityAdamW
+            on the dense gradient, and ModalityAdamW on the sparse gradient (the row-sparse lazy
+            step) on each of our backends present. Bytes: the tables' bytes each must move
+            (dense: p, g, m, v read and p, m, v written; sparse: the same for the touched rows).
 Each benchmark records `bytes` in extra_info (the bytes that must move); benchmarks/report.py turns
 pytest-benchmark's JSON into a table of medians, ratios and GB/s.
 
@@ -182,3 +192,61 @@ def test_copy_bandwidth(benchmark, device):
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     _bench(benchmark, device, lambda: dst.copy_(src), None, 2 * src.numel() * src.element_size(), ROUNDS)
+
+
+# ---- A-rows ----------------------------------------------------------------------------------
+
+N_ENT, N_REL, DIM = (300, 11, 16) if small() else (15_000, 237, 200)
+POS, SLOTS = (32, 2 + 16) if small() else (1024, 2 + 16)  # per positive: head, tail, 16 negatives
+
+
+def _kge_tables(device, sparse):
+    """The entity and relation tables with the gradient of one KGE batch, as backward leaves it
+    (sparse: nn.Embedding(sparse=True)'s uncoalesced COO gradient; dense: a dense table)."""
+    torch.manual_seed(0)
+    tables = [nn.Embedding(n, DIM, sparse=sparse).to(device) for n in (N_ENT, N_REL)]
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(0, N_ENT, (POS * SLOTS,), generator=g), torch.randint(0, N_REL, (POS,), generator=g)]
+    for emb, i in zip(tables, ids):
+        out = emb(i.to(device))
+        (out * torch.randn(out.shape, generator=g).to(device)).sum().backward()
+    touched = sum(int(i.unique().numel()) for i in ids)
+    return [t.weight for t in tables], touched
+
+
+def _rows_bytes(params, touched, sparse):
+    elem = params[0].element_size()
+    if sparse:
+        return 7 * touched * DIM * elem
+    return 7 * sum(p.numel() for p in params) * elem
+
+
+def _bench_rows(benchmark, device, opt, params, touched, sparse, backend=None):
+    def step():
+        with mmcl_fast.use_backend(backend):
+            opt.step()
+
+    run_bench(benchmark, device, step, None, ROUNDS, bytes=_rows_bytes(params, touched, sparse),
+              touched_rows=touched)
+
+
+@pytest.mark.benchmark(group="A-rows")
+def test_rows_torch_adam_dense_grad(benchmark, device):
+    params, touched = _kge_tables(device, sparse=False)
+    _bench_rows(benchmark, device, torch.optim.Adam(params, lr=1e-3), params, touched, False)
+
+
+@pytest.mark.benchmark(group="A-rows")
+def test_rows_torch_sparse_adam(benchmark, device):
+    params, touched = _kge_tables(device, sparse=True)
+    _bench_rows(benchmark, device, torch.optim.SparseAdam(params, lr=1e-3), params, touched, True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad", ["dense_grad", "sparse_grad"])
+@pytest.mark.benchmark(group="A-rows")
+def test_rows_ours(benchmark, device, grad, backend):
+    sparse = grad == "sparse_grad"
+    params, touched = _kge_tables(device, sparse=sparse)
+    opt = ModalityAdamW(params, lr=1e-3, weight_decay=0.0)
+    _bench_rows(benchmark, device, opt, params, touched, sparse, backend)

@@ -26,6 +26,17 @@ TORCH_LIBRARY(mmcl_fast, m) {
       "int[] first_step, Tensor coefficients, int modality, float lr, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool noise, int seed, int noise_step, "
       "int[] tensor_ids, Tensor?[] anchors, Tensor?[] anchor_weights, float anchor_lambda) -> ()");
+  // The row-sparse (lazy) AdamW step of one parameter: only the U listed rows of param [N, ...]
+  // (row size R = numel / N), exp_avg and exp_avg_sq are read and written. rows [U] int64, distinct
+  // and in [0, N); grad_rows [U, ...], row i being the gradient of row rows[i]; step: the
+  // parameter's count after this step; anchor: its first n_a rows ([n_a, ...]) or absent;
+  // anchor_weight: 1 (scalar), n_a (per row) or n_a R (per element) values, or absent (weight 1).
+  // The maths: mmcl_fast/ops/modality_step.py (_reference_adamw_rows_).
+  m.def(
+      "modality_adamw_rows_(Tensor(a!) param, Tensor rows, Tensor grad_rows, Tensor(b!) exp_avg, "
+      "Tensor(c!) exp_avg_sq, float step, Tensor coefficients, int modality, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay, Tensor? anchor, Tensor? anchor_weight, "
+      "float anchor_lambda) -> ()");
 
   // Op family B: shared-key attention, flash-style (DESIGN.md section 5.2). k is [B or 1, H, Lk, D]
   // (1: a key bank shared by the batch), bias [B or 1, H, Lq, Lk]; lse and colsum are float32

@@ -14,8 +14,17 @@
 // The CUDA kernels and the CPU SGD loop call the functions below; the CPU AdamW loop
 // (csrc/cpu/modality_step.cpp, adamw_chunk) restates adamw_element with its constants hoisted
 // into locals, which the compiler needs to vectorise it.
+//
+// The row-sparse step (modality_adamw_rows_) applies the same AdamW update to the listed rows of
+// one parameter only; check_rows_args below is its host-side argument check, shared by the CPU
+// and CUDA kernels so that both refuse the same inputs with the same words.
 #pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
 #include <cmath>
+#include <cstdint>
+#include <optional>
 
 #include "philox.h"
 
@@ -61,6 +70,75 @@ MMCL_HD T sgd_element(T p, T g, T& buf, bool first, const SGDScalars& s) {
     d = s.nesterov ? d + T(s.momentum) * b : b;
   }
   return p - T(s.lr) * d;
+}
+
+// How the anchor weight of the row-sparse step is laid out: scalar and per-row weights are constant
+// along a row, so the kernels fold them into lambda once per row.
+enum RowsWeight : int { kNoWeight = 0, kScalarWeight = 1, kRowWeight = 2, kElementWeight = 3 };
+
+struct RowsGeometry {
+  int64_t num_rows;     // U, the listed rows
+  int64_t table_rows;   // N
+  int64_t row_size;     // R = numel / N
+  int64_t anchor_rows;  // n_a; 0 when the anchor term is off
+  int weight_kind;      // RowsWeight
+};
+
+// Every check the kernels rely on, before anything is written. Row ids themselves (range,
+// distinctness) are data: the CPU kernel checks the range in a pass of its own, the CUDA kernel
+// asserts it, and the Python side checks both when value checks are on.
+inline RowsGeometry check_rows_args(const at::Tensor& param, const at::Tensor& rows,
+                                    const at::Tensor& grad_rows, const at::Tensor& exp_avg,
+                                    const at::Tensor& exp_avg_sq, double step,
+                                    const std::optional<at::Tensor>& anchor,
+                                    const std::optional<at::Tensor>& anchor_weight,
+                                    double anchor_lambda) {
+  const auto device = param.device();
+  TORCH_CHECK(param.dim() >= 1, "mmcl_fast: param must have a row dimension, got a 0-d tensor");
+  TORCH_CHECK(param.is_contiguous(), "mmcl_fast: param must be contiguous");
+  RowsGeometry geo{rows.numel(), param.size(0), 0, 0, kNoWeight};
+  geo.row_size = geo.table_rows > 0 ? param.numel() / geo.table_rows : 0;
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous() &&
+                  rows.device() == device,
+              "mmcl_fast: rows must be a contiguous 1-D int64 tensor on ", device);
+  TORCH_CHECK(grad_rows.scalar_type() == param.scalar_type() && grad_rows.is_contiguous() &&
+                  grad_rows.device() == device && grad_rows.dim() == param.dim() &&
+                  grad_rows.size(0) == geo.num_rows &&
+                  grad_rows.numel() == geo.num_rows * geo.row_size,
+              "mmcl_fast: grad_rows must be a contiguous [U, row shape] tensor of param's dtype "
+              "and device, U = rows.numel() = ", geo.num_rows);
+  for (const at::Tensor* t : {&exp_avg, &exp_avg_sq}) {
+    TORCH_CHECK(t->sizes() == param.sizes() && t->scalar_type() == param.scalar_type() &&
+                    t->is_contiguous() && t->device() == device,
+                "mmcl_fast: ", t == &exp_avg ? "exp_avg" : "exp_avg_sq",
+                " must be a contiguous tensor of param's shape, dtype and device");
+  }
+  TORCH_CHECK(step >= 1.0, "mmcl_fast: step must be a count >= 1 (the count after this step), got ",
+              step);
+  if (!anchor.has_value() || anchor_lambda == 0.0) return geo;
+  const at::Tensor& a = *anchor;
+  TORCH_CHECK(a.scalar_type() == param.scalar_type() && a.is_contiguous() && a.device() == device &&
+                  a.dim() == param.dim() && a.size(0) <= geo.table_rows &&
+                  a.numel() == a.size(0) * geo.row_size,
+              "mmcl_fast: anchor must be a contiguous tensor of param's dtype and device holding "
+              "its first rows");
+  geo.anchor_rows = a.size(0);
+  if (!anchor_weight.has_value()) return geo;
+  const at::Tensor& w = *anchor_weight;
+  TORCH_CHECK(w.scalar_type() == param.scalar_type() && w.is_contiguous() && w.device() == device,
+              "mmcl_fast: anchor_weight must be a contiguous tensor of param's dtype and device");
+  const int64_t nw = w.numel();
+  // an ambiguous count (n_a = 1, or R = 1) means the same weights whichever kind is taken
+  if (nw == a.numel() && nw > 0)
+    geo.weight_kind = kElementWeight;
+  else if (nw == geo.anchor_rows && nw > 0)
+    geo.weight_kind = kRowWeight;
+  else if (nw == 1)
+    geo.weight_kind = kScalarWeight;
+  else
+    TORCH_CHECK(false, "mmcl_fast: anchor_weight must hold 1, n_a = ", geo.anchor_rows,
+                " (per row) or n_a * R = ", a.numel(), " (per element) values, got ", nw);
+  return geo;
 }
 
 }  // namespace mmcl_fast

@@ -32,6 +32,14 @@ from integers, keep the 16-byte alignment the compiler needs for vector loads. T
 by its content (so a step over the same tensors copies nothing to the device); a new one goes
 through pinned memory with a non-blocking copy. The element loop works on [BLOCK/4, 4] tiles so
 that one Philox call gives the four lanes of a group of 4 elements.
+
+The row-sparse step (modality_adamw_rows_: lazy AdamW of one parameter [N, R], only the listed
+rows read and written) is one launch of _adamw_rows_kernel: each program takes BLOCK_R listed rows
+and walks their R columns in [BLOCK_R, BLOCK_C] tiles, with the same AdamW arithmetic and
+
+    g = k * grad_rows[i] + 2 lambda w_r (p_r - anchor_r)    (anchor term for r < anchor rows)
+
+(w: 1, the scalar, per-row or per-element weight). Its pointers are plain arguments: no table.
 """
 import collections
 import functools
@@ -431,6 +439,63 @@ def _sgd_kernel(tab_ptr, ref_ptr, coef_ptr, sigma_ptr, chunk_base, chunk, modali
                       weight_decay, USE_K, NOISE, ANCHOR, HAS_W, MOMENTUM, NESTEROV, BLOCK, True)
 
 
+# Anchor weight layouts of the row-sparse kernel (csrc/modality_step.h's RowsWeight).
+_W_NONE, _W_SCALAR, _W_ROW, _W_ELEMENT = 0, 1, 2, 3
+
+
+@triton.jit(do_not_specialize=["n_rows", "n_table", "anchor_rows", "modality"])
+def _adamw_rows_kernel(p_ptr, rows_ptr, g_ptr, m_ptr, v_ptr, a_ptr, w_ptr, coef_ptr, n_rows, n_table,
+                       row_size, anchor_rows, modality, decay, lerp_w, beta2, one_minus_beta2, eps,
+                       lambda2, step_size, bc2_sqrt, USE_K: tl.constexpr, ANCHOR: tl.constexpr,
+                       W_KIND: tl.constexpr, LERP_LOW: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """Rows [pid BLOCK_R, (pid + 1) BLOCK_R) of the listed rows (see the module docstring)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    r = tl.load(rows_ptr + i, mask=i < n_rows, other=-1)
+    # an id out of range (refused by the Python checks in eager mode) is skipped, never written
+    rmask = (i < n_rows) & (r >= 0) & (r < n_table)
+    k = 1.0
+    if USE_K:
+        k = tl.load(coef_ptr + modality)
+    p_row = r * row_size
+    g_row = i * row_size
+    amask = rmask
+    lw = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if ANCHOR:
+        amask = rmask & (r < anchor_rows)
+        lw = lw + lambda2
+        if W_KIND == 1:
+            lw = lw * tl.load(w_ptr).to(tl.float32)
+        if W_KIND == 2:
+            lw = lw * tl.load(w_ptr + r, mask=amask, other=0.0).to(tl.float32)
+    for c0 in range(0, row_size, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = rmask[:, None] & (c < row_size)[None, :]
+        e = p_row[:, None] + c[None, :]
+        p = tl.load(p_ptr + e, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + g_row[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        if USE_K:
+            g = k * g
+        if ANCHOR:
+            am = mask & amask[:, None]
+            d = p - tl.load(a_ptr + e, mask=am, other=0.0).to(tl.float32)
+            if W_KIND == 3:
+                d = d * tl.load(w_ptr + e, mask=am, other=0.0).to(tl.float32)
+            g = tl.where(am, g + lw[:, None] * d, g)
+        m = tl.load(m_ptr + e, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + e, mask=mask, other=0.0).to(tl.float32)
+        p = p * decay
+        if LERP_LOW:  # torch.lerp, as _adamw_tile
+            m = m + lerp_w * (g - m)
+        else:
+            m = g - (g - m) * (1.0 - lerp_w)
+        v = v * beta2 + (one_minus_beta2 * g) * g
+        p = p - (step_size * m) / (tl.sqrt_rn(v) / bc2_sqrt + eps)
+        tl.store(m_ptr + e, m.to(m_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_ptr + e, v.to(v_ptr.dtype.element_ty), mask=mask)
+        tl.store(p_ptr + e, p.to(p_ptr.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # Host side: the tensor table, its cache, the launches
 # ---------------------------------------------------------------------------------------------
@@ -739,6 +804,53 @@ def _sgd_impl(params, grads, momentum_buffers, first_step, coefficients, modalit
         )
 
 
+# Elements per [BLOCK_R, BLOCK_C] tile of the row-sparse kernel, and the widest column tile.
+_ROWS_TILE = 256 if _INTERPRET else 4096
+_ROWS_MAX_C = 64 if _INTERPRET else 1024
+
+
+def _adamw_rows_impl(param, rows, grad_rows, exp_avg, exp_avg_sq, step, coefficients, modality, lr,
+                     beta1, beta2, eps, weight_decay, anchor, anchor_weight, anchor_lambda):
+    n_rows = rows.numel()
+    if param.dim() < 1 or n_rows == 0 or param.numel() == 0:
+        return
+    if param.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"mmcl_fast (triton): param must be float32/float16/bfloat16, got {param.dtype}")
+    n_table = param.shape[0]
+    row_size = param.numel() // n_table
+    for name, t, numel in (("grad_rows", grad_rows, n_rows * row_size), ("exp_avg", exp_avg, param.numel()),
+                           ("exp_avg_sq", exp_avg_sq, param.numel())):
+        if t.device != param.device or t.dtype != param.dtype or t.numel() != numel or not t.is_contiguous():
+            raise ValueError(f"mmcl_fast (triton): {name} must be a contiguous {param.dtype} tensor on "
+                             f"{param.device} with {numel} elements")
+    if not param.is_contiguous() or rows.dtype != torch.int64 or not rows.is_contiguous():
+        raise ValueError("mmcl_fast (triton): param must be contiguous and rows contiguous int64")
+    use_anchor = anchor is not None and anchor_lambda != 0.0 and anchor.numel() > 0
+    w_kind = _W_NONE
+    if use_anchor:
+        if anchor.numel() != anchor.shape[0] * row_size or anchor.shape[0] > n_table:
+            raise ValueError("mmcl_fast (triton): anchor must hold the parameter's first rows")
+        if anchor_weight is not None:
+            nw = anchor_weight.numel()
+            w_kind = (_W_ELEMENT if nw == anchor.numel() else _W_ROW if nw == anchor.shape[0]
+                      else _W_SCALAR if nw == 1 else None)
+            if w_kind is None:
+                raise ValueError("mmcl_fast (triton): anchor_weight must hold 1, one per anchor row "
+                                 "or one per anchor element values")
+    block_c = min(triton.next_power_of_2(row_size), _ROWS_MAX_C)
+    block_r = max(1, _ROWS_TILE // block_c)
+    lerp_w = _f32(1.0 - beta1)
+    with _device_guard(param.device):
+        _adamw_rows_kernel[(triton.cdiv(n_rows, block_r),)](
+            param, rows, grad_rows, exp_avg, exp_avg_sq, anchor if use_anchor else param,
+            anchor_weight if w_kind != _W_NONE else param, coefficients, n_rows, n_table, row_size,
+            anchor.shape[0] if use_anchor else 0, max(modality, 0), 1.0 - lr * weight_decay, lerp_w,
+            beta2, 1.0 - beta2, eps, 2.0 * anchor_lambda, lr / (1.0 - beta1 ** step),
+            math.sqrt(1.0 - beta2 ** step), USE_K=modality >= 0, ANCHOR=use_anchor, W_KIND=w_kind,
+            LERP_LOW=abs(lerp_w) < 0.5, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS,
+        )
+
+
 class _NullGuard:
     def __enter__(self):
         return self
@@ -835,6 +947,39 @@ def _(params, grads, momentum_buffers, first_step, coefficients, modality, lr, m
     return None
 
 
+@torch.library.custom_op(
+    "mmcl_fast::modality_adamw_rows_triton_",
+    mutates_args=("param", "exp_avg", "exp_avg_sq"),
+)
+def modality_adamw_rows_triton_(
+    param: torch.Tensor,
+    rows: torch.Tensor,
+    grad_rows: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: float,
+    coefficients: torch.Tensor,
+    modality: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    anchor: Optional[torch.Tensor],
+    anchor_weight: Optional[torch.Tensor],
+    anchor_lambda: float,
+) -> None:
+    """Triton implementation of mmcl_fast::modality_adamw_rows_ (see the module docstring)."""
+    _adamw_rows_impl(param, rows, grad_rows, exp_avg, exp_avg_sq, step, coefficients, modality, lr,
+                     beta1, beta2, eps, weight_decay, anchor, anchor_weight, anchor_lambda)
+
+
+@modality_adamw_rows_triton_.register_fake
+def _(param, rows, grad_rows, exp_avg, exp_avg_sq, step, coefficients, modality, lr, beta1, beta2,
+      eps, weight_decay, anchor, anchor_weight, anchor_lambda):
+    return None
+
+
 def _int64(x: int) -> int:
     """An int as the signed 64-bit value with the same low 64 bits (what an `int` schema holds)."""
     x &= _MASK64
@@ -872,4 +1017,16 @@ def modality_sgd_(params, grads, momentum_buffers, first_step, coefficients, mod
         float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
         bool(noise), seed, noise_step, tensor_ids, list(anchors or []), list(anchor_weights or []),
         float(anchor_lambda),
+    )
+
+
+def modality_adamw_rows_(param, rows, grad_rows, exp_avg, exp_avg_sq, step, coefficients, modality,
+                         lr, beta1, beta2, eps, weight_decay, anchor, anchor_weight,
+                         anchor_lambda) -> None:
+    """The row-sparse AdamW step on the Triton kernel (arguments as
+    mmcl_fast.ops.modality_adamw_rows_ passes them, already validated)."""
+    modality_adamw_rows_triton_(
+        param, rows, grad_rows, exp_avg, exp_avg_sq, float(step), coefficients, int(modality),
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), anchor,
+        anchor_weight, float(anchor_lambda),
     )

@@ -6,6 +6,9 @@
 // (noise and anchor included) in a small L1-resident buffer, then apply the optimizer update in
 // one branch-free loop. With noise on, a first parallel pass computes each tensor's unbiased
 // gradient std from per-chunk (count, mean, M2) partials merged with Chan's formula, in double.
+//
+// The row-sparse step (modality_adamw_rows_) runs the same block loop (adamw_chunk) over each listed
+// row of one parameter, rows split across threads; everything else in the tables is left alone.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -259,6 +262,60 @@ MMCL_CPU_CLONES void sgd_chunk_dispatch(const TensorJob<scalar_t>& j, int64_t be
 #undef MMCL_SGD_CASE
 }
 
+// The row-sparse step: rows[lo, hi) of one parameter, each row through adamw_chunk (no noise,
+// no amsgrad).
+template <typename scalar_t>
+struct RowsJob {
+  scalar_t* p;
+  scalar_t* m;
+  scalar_t* v;
+  const scalar_t* g;  // [U, R]: row i is the gradient of row rows[i]
+  const int64_t* rows;
+  const scalar_t* anchor;    // first anchor_rows rows, or null
+  const scalar_t* anchor_w;  // see RowsWeight; null: weight 1
+  RowsGeometry geo;
+  AdamWScalars adam;
+};
+
+template <typename scalar_t, bool ANCHOR>
+MMCL_INLINE void adamw_rows(const RowsJob<scalar_t>& rj, int64_t lo, int64_t hi, scalar_t k,
+                            double lambda2) {
+  const int64_t R = rj.geo.row_size;
+  TensorJob<scalar_t> j{};
+  j.adam = rj.adam;
+  j.anchor_w_stride = 1;
+  for (int64_t i = lo; i < hi; ++i) {
+    const int64_t r = rj.rows[i];
+    const int64_t off = r * R;
+    j.p = rj.p + off;
+    j.g = rj.g + i * R;
+    j.s0 = rj.m + off;
+    j.s1 = rj.v + off;
+    if (ANCHOR && r < rj.geo.anchor_rows) {
+      j.anchor = rj.anchor + off;
+      j.anchor_numel = R;
+      double l2 = lambda2;
+      // a weight constant along the row scales lambda, so that the loop stays the unweighted one
+      const int kind = rj.geo.weight_kind;
+      j.anchor_w = kind == kElementWeight ? rj.anchor_w + off : nullptr;
+      if (kind == kScalarWeight) l2 *= static_cast<double>(rj.anchor_w[0]);
+      if (kind == kRowWeight) l2 *= static_cast<double>(rj.anchor_w[r]);
+      adamw_chunk<scalar_t, false, true, false>(j, 0, R, k, l2);
+    } else {
+      adamw_chunk<scalar_t, false, false, false>(j, 0, R, k, lambda2);
+    }
+  }
+}
+
+template <typename scalar_t>
+MMCL_CPU_CLONES void adamw_rows_dispatch(const RowsJob<scalar_t>& rj, int64_t lo, int64_t hi,
+                                         scalar_t k, double lambda2) {
+  if (rj.anchor != nullptr)
+    adamw_rows<scalar_t, true>(rj, lo, hi, k, lambda2);
+  else
+    adamw_rows<scalar_t, false>(rj, lo, hi, k, lambda2);
+}
+
 // Mean and M2 (sum of squared deviations) of g[begin, end), cloned per instruction set.
 template <typename scalar_t>
 MMCL_CPU_CLONES void chunk_moments(const scalar_t* g, int64_t begin, int64_t end, double& mean,
@@ -505,11 +562,52 @@ void modality_sgd_cpu(at::TensorList params, at::TensorList grads,
   });
 }
 
+void modality_adamw_rows_cpu(const at::Tensor& param, const at::Tensor& rows,
+                             const at::Tensor& grad_rows, const at::Tensor& exp_avg,
+                             const at::Tensor& exp_avg_sq, double step,
+                             const at::Tensor& coefficients, int64_t modality, double lr,
+                             double beta1, double beta2, double eps, double weight_decay,
+                             const std::optional<at::Tensor>& anchor,
+                             const std::optional<at::Tensor>& anchor_weight,
+                             double anchor_lambda) {
+  TORCH_CHECK(param.device().is_cpu(), "mmcl_fast: param must be on the CPU");
+  const RowsGeometry geo = check_rows_args(param, rows, grad_rows, exp_avg, exp_avg_sq, step,
+                                           anchor, anchor_weight, anchor_lambda);
+  const float k = read_coefficient(coefficients, modality);
+  if (geo.num_rows == 0 || geo.row_size == 0) return;
+  // the whole range first, so that a bad id leaves every row untouched
+  const int64_t* ids = rows.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < geo.num_rows; ++i)
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < geo.table_rows, "mmcl_fast: rows[", i, "] = ", ids[i],
+                " is out of range for a parameter of ", geo.table_rows, " rows");
+  const double bc1 = 1.0 - std::pow(beta1, step);
+  const double bc2 = 1.0 - std::pow(beta2, step);
+  const AdamWScalars adam{lr, beta1, beta2, eps, weight_decay, lr / bc1, std::sqrt(bc2)};
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "modality_adamw_rows_cpu", [&] {
+    RowsJob<scalar_t> rj;
+    rj.p = param.data_ptr<scalar_t>();
+    rj.m = exp_avg.data_ptr<scalar_t>();
+    rj.v = exp_avg_sq.data_ptr<scalar_t>();
+    rj.g = grad_rows.const_data_ptr<scalar_t>();
+    rj.rows = ids;
+    rj.anchor = geo.anchor_rows > 0 ? anchor->const_data_ptr<scalar_t>() : nullptr;
+    rj.anchor_w = geo.weight_kind != kNoWeight ? anchor_weight->const_data_ptr<scalar_t>() : nullptr;
+    rj.geo = geo;
+    rj.adam = adam;
+    // about kChunk elements per work item, as the dense step
+    const int64_t grain = std::max<int64_t>(1, kChunk / geo.row_size);
+    at::parallel_for(0, geo.num_rows, grain, [&](int64_t lo, int64_t hi) {
+      adamw_rows_dispatch<scalar_t>(rj, lo, hi, static_cast<scalar_t>(k), 2.0 * anchor_lambda);
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mmcl_fast, CPU, m) {
   m.impl("modality_adamw_", &modality_adamw_cpu);
   m.impl("modality_sgd_", &modality_sgd_cpu);
+  m.impl("modality_adamw_rows_", &modality_adamw_rows_cpu);
 }
 
 }  // namespace mmcl_fast

@@ -26,6 +26,10 @@
 //    the results are stored back in the parameter's dtype.
 //  * The noise uses the CPU kernel's log polynomial (with an IEEE division) and sincospif, neither
 //    of which --use_fast_math replaces by a low-accuracy intrinsic (logf would become __logf).
+//  * The row-sparse step (modality_adamw_rows_, one parameter, only its listed rows) is one launch
+//    of adamw_rows_kernel: a group of threads_per_row threads (a power of two <= 32, about R/4)
+//    per listed row, 4 elements per thread per iteration, a grid-stride loop over the rows. Row ids
+//    are asserted in range; their distinctness is the caller's contract (checked in Python).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -407,6 +411,68 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const ChunkMeta meta, con
   }
 }
 
+constexpr int kRowThreads = 256;  // threads per block of the row-sparse kernel
+
+// The per-call scalars of the row-sparse kernel.
+struct RowsArgs {
+  const float* coef;  // &coefficients[modality] on the device; null: k = 1
+  RowsGeometry geo;
+  int threads_per_row;
+  bool vec;         // p, g, m, v allow 4-wide access along every row (R % 4 == 0, aligned)
+  bool anchor_vec;  // likewise the anchor and a per-element weight
+  float lambda2;    // 2 * anchor_lambda
+  float lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt;
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kRowThreads)
+    adamw_rows_kernel(scalar_t* __restrict__ p, const int64_t* __restrict__ rows,
+                      const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
+                      scalar_t* __restrict__ v, const scalar_t* __restrict__ anchor,
+                      const scalar_t* __restrict__ anchor_w, const RowsArgs a) {
+  using op_t = at::opmath_type<scalar_t>;
+  const int tpr = a.threads_per_row;
+  const int lane = static_cast<int>(threadIdx.x) & (tpr - 1);
+  const int64_t rows_per_block = kRowThreads / tpr;
+  const int64_t R = a.geo.row_size;
+  const op_t k = a.coef != nullptr ? static_cast<op_t>(__ldg(a.coef)) : op_t(1);
+  const AdamWScalars s{a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.step_size, a.bc2_sqrt};
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / tpr;
+       i < a.geo.num_rows; i += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const int64_t r = rows[i];
+    CUDA_KERNEL_ASSERT(r >= 0 && r < a.geo.table_rows);
+    const int64_t off = r * R;
+    const bool anchored = anchor != nullptr && r < a.geo.anchor_rows;
+    // a weight constant along the row scales lambda once
+    op_t lw = static_cast<op_t>(a.lambda2);
+    if (anchored && a.geo.weight_kind == kScalarWeight) lw *= static_cast<op_t>(anchor_w[0]);
+    if (anchored && a.geo.weight_kind == kRowWeight) lw *= static_cast<op_t>(anchor_w[r]);
+    for (int64_t c = 4 * static_cast<int64_t>(lane); c < R; c += 4 * static_cast<int64_t>(tpr)) {
+      const int n = R - c < 4 ? static_cast<int>(R - c) : 4;
+      op_t pv[4], gv[4], mv[4], vv[4], unused[4] = {op_t(0), op_t(0), op_t(0), op_t(0)};
+      load4(p + off, c, n, a.vec, pv);
+      load4(g + i * R, c, n, a.vec, gv);
+      load4(m + off, c, n, a.vec, mv);
+      load4(v + off, c, n, a.vec, vv);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) gv[e] = k * gv[e];
+      if (anchored) {
+        op_t av[4], wv[4] = {op_t(1), op_t(1), op_t(1), op_t(1)};
+        load4(anchor + off, c, n, a.anchor_vec, av);
+        if (a.geo.weight_kind == kElementWeight) load4(anchor_w + off, c, n, a.anchor_vec, wv);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) gv[e] += lw * wv[e] * (pv[e] - av[e]);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        pv[e] = adamw_element<false, op_t>(pv[e], gv[e], mv[e], vv[e], unused[e], s);
+      store4(p + off, c, n, a.vec, pv);
+      store4(m + off, c, n, a.vec, mv);
+      store4(v + off, c, n, a.vec, vv);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
@@ -764,11 +830,65 @@ void modality_sgd_cuda(at::TensorList params, at::TensorList grads,
   });
 }
 
+void modality_adamw_rows_cuda(const at::Tensor& param, const at::Tensor& rows,
+                              const at::Tensor& grad_rows, const at::Tensor& exp_avg,
+                              const at::Tensor& exp_avg_sq, double step,
+                              const at::Tensor& coefficients, int64_t modality, double lr,
+                              double beta1, double beta2, double eps, double weight_decay,
+                              const std::optional<at::Tensor>& anchor,
+                              const std::optional<at::Tensor>& anchor_weight,
+                              double anchor_lambda) {
+  TORCH_CHECK(param.is_cuda(), "mmcl_fast: param must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(param.device());
+  const RowsGeometry geo = check_rows_args(param, rows, grad_rows, exp_avg, exp_avg_sq, step,
+                                           anchor, anchor_weight, anchor_lambda);
+  at::Tensor coef_keep;
+  const float* coef = coefficient_ptr(coefficients, modality, param.device(), coef_keep);
+  if (geo.num_rows == 0 || geo.row_size == 0) return;
+  RowsArgs a;
+  std::memset(&a, 0, sizeof(a));
+  a.coef = coef;
+  a.geo = geo;
+  int tpr = 1;
+  while (tpr < 32 && 4 * tpr < geo.row_size) tpr *= 2;
+  a.threads_per_row = tpr;
+  const int64_t esize = param.element_size();
+  a.vec = geo.row_size % 4 == 0 && aligned_for4(param.const_data_ptr(), esize) &&
+          aligned_for4(grad_rows.const_data_ptr(), esize) &&
+          aligned_for4(exp_avg.const_data_ptr(), esize) &&
+          aligned_for4(exp_avg_sq.const_data_ptr(), esize);
+  const void* anchor_ptr = geo.anchor_rows > 0 ? anchor->const_data_ptr() : nullptr;
+  const void* weight_ptr = geo.weight_kind != kNoWeight ? anchor_weight->const_data_ptr() : nullptr;
+  a.anchor_vec = anchor_ptr != nullptr && geo.row_size % 4 == 0 && aligned_for4(anchor_ptr, esize) &&
+                 (geo.weight_kind != kElementWeight || aligned_for4(weight_ptr, esize));
+  a.lambda2 = static_cast<float>(2.0 * anchor_lambda);
+  a.lr = static_cast<float>(lr);
+  a.beta1 = static_cast<float>(beta1);
+  a.beta2 = static_cast<float>(beta2);
+  a.eps = static_cast<float>(eps);
+  a.weight_decay = static_cast<float>(weight_decay);
+  a.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, step)));
+  a.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
+  const int64_t rows_per_block = kRowThreads / tpr;
+  const int64_t blocks = std::min<int64_t>((geo.num_rows + rows_per_block - 1) / rows_per_block, 65535);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(),
+                                  "modality_adamw_rows_cuda", [&] {
+    adamw_rows_kernel<scalar_t><<<static_cast<unsigned>(blocks), kRowThreads, 0, stream>>>(
+        param.data_ptr<scalar_t>(), rows.const_data_ptr<int64_t>(),
+        grad_rows.const_data_ptr<scalar_t>(), exp_avg.data_ptr<scalar_t>(),
+        exp_avg_sq.data_ptr<scalar_t>(), static_cast<const scalar_t*>(anchor_ptr),
+        static_cast<const scalar_t*>(weight_ptr), a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mmcl_fast, CUDA, m) {
   m.impl("modality_adamw_", &modality_adamw_cuda);
   m.impl("modality_sgd_", &modality_sgd_cuda);
+  m.impl("modality_adamw_rows_", &modality_adamw_rows_cuda);
 }
 
 }  // namespace mmcl_fast

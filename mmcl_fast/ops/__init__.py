@@ -1,6 +1,7 @@
 """The public ops of mmcl_fast, one module per op family."""
 from .modality_step import (
     modality_adamw_,
+    modality_adamw_rows_,
     modality_scores,
     modality_sgd_,
     modulation_coefficients,
@@ -21,6 +22,7 @@ __all__ = [
     "modulation_coefficients",
     "split_head_logits",
     "modality_adamw_",
+    "modality_adamw_rows_",
     "modality_sgd_",
     "philox_normal",
     "shared_key_attention",

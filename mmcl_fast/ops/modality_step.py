@@ -5,13 +5,17 @@ Public functions (names fixed by DESIGN.md):
     modulation_coefficients(scores, alpha) -> Tensor[M]
     split_head_logits(features, weight, bias) -> Tensor[M, N, C]
     modality_adamw_(...), modality_sgd_(...)      the fused multi-tensor steps (in place)
+    modality_adamw_rows_(...)                     the row-sparse (lazy) AdamW step of one
+                                                  parameter (in place; sparse embedding gradients)
+    sparse_grad_rows(grad)                        a sparse COO gradient as that step's (rows,
+                                                  grad_rows)
 
 The maths of the step, per tensor p of a group of modality m (k = 1 when the group has none):
     sigma = unbiased std of the unscaled gradient g        (when noise is on; 0 for numel < 2)
     g'    = k_m * g + sigma * eps + 2*lambda*w*(p - anchor)  (eps: Philox noise, see philox_normal)
 then torch.optim.AdamW / torch.optim.SGD's own update with g' in place of g. The functions
-`_reference_adamw_` and `_reference_sgd_` below are that spec in plain PyTorch; the C++, CUDA and
-Triton kernels are tested against them.
+`_reference_adamw_`, `_reference_sgd_` and `_reference_adamw_rows_` below are that spec in plain
+PyTorch; the C++, CUDA and Triton kernels are tested against them.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from .. import backend as _backend
+from ._util import acc_dtype, checking_values, has_op
 
 # --------------------------------------------------------------------------------------------
 # 4.1 Scores and coefficients
@@ -221,22 +226,59 @@ def _reference_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, ste
         tid = tensor_ids[i] if tensor_ids else i
         g = _modulated_grad(p, grads[i], coefficients, modality, noise, seed, noise_step, tid, anchor, weight, anchor_lambda)
         acc = g.dtype
-        pa, m, v = p.to(acc), exp_avgs[i].to(acc), exp_avg_sqs[i].to(acc)
-        pa = pa * (1 - lr * weight_decay)
-        m = m.lerp(g, 1 - beta1)
-        v = v * beta2 + (1 - beta2) * g * g
-        bc1 = 1 - beta1 ** steps[i]
-        bc2_sqrt = math.sqrt(1 - beta2 ** steps[i])
+        vmax = max_exp_avg_sqs[i].to(acc) if amsgrad else None
+        pa, m, v, vmax = _adamw_update(p.to(acc), g, exp_avgs[i].to(acc), exp_avg_sqs[i].to(acc), vmax,
+                                       steps[i], lr, beta1, beta2, eps, weight_decay)
         if amsgrad:
-            vmax = torch.maximum(max_exp_avg_sqs[i].to(acc), v)
             max_exp_avg_sqs[i].copy_(vmax)
-            denom = vmax.sqrt() / bc2_sqrt + eps
-        else:
-            denom = v.sqrt() / bc2_sqrt + eps
-        pa = pa - (lr / bc1) * m / denom
         exp_avgs[i].copy_(m)
         exp_avg_sqs[i].copy_(v)
         p.copy_(pa)
+
+
+def _adamw_update(p, g, m, v, vmax, step, lr, beta1, beta2, eps, weight_decay):
+    """torch.optim.AdamW's arithmetic on values in the accumulation dtype -> (p, m, v, vmax)."""
+    p = p * (1 - lr * weight_decay)
+    m = m.lerp(g, 1 - beta1)
+    v = v * beta2 + (1 - beta2) * g * g
+    bc1 = 1 - beta1 ** step
+    bc2_sqrt = math.sqrt(1 - beta2 ** step)
+    if vmax is not None:
+        vmax = torch.maximum(vmax, v)
+    denom = (v if vmax is None else vmax).sqrt() / bc2_sqrt + eps
+    return p - (lr / bc1) * m / denom, m, v, vmax
+
+
+def _reference_adamw_rows_(param, rows, grad_rows, exp_avg, exp_avg_sq, step, coefficients, modality, lr, beta1, beta2, eps, weight_decay, anchor, anchor_weight, anchor_lambda):
+    """The row-sparse step: for each listed row r (distinct ids), with row i of grad_rows its gradient,
+        g  = k * grad_rows[i]                                   (k = coefficients[modality]; 1 if -1)
+        g += 2 * lambda * w_r * (p_r - anchor_r)                 only if r < anchor rows
+    then AdamW's update of p_r, m_r, v_r with g (bias corrections from `step`, the parameter's
+    count). Rows not listed are neither read nor written (lazy Adam, torch.optim.SparseAdam's
+    semantics, with decoupled weight decay on the listed rows only)."""
+    acc = acc_dtype(param.dtype)
+    g = grad_rows.to(acc)
+    if modality >= 0:
+        g = coefficients[modality].to(acc) * g
+    p = param.index_select(0, rows).to(acc)
+    if anchor is not None and anchor_lambda != 0.0 and anchor.shape[0] > 0:
+        n_a = anchor.shape[0]
+        old = (rows < n_a).view(-1, *[1] * (p.dim() - 1))
+        safe = torch.where(rows < n_a, rows, 0)  # rows past the anchor read row 0, masked below
+        diff = p - anchor.index_select(0, safe).to(acc)
+        if anchor_weight is not None:
+            w = anchor_weight.reshape(-1).to(acc)
+            if w.numel() == anchor.numel():  # per element
+                w = w.view(anchor.shape).index_select(0, safe)
+            elif w.numel() == n_a:  # per row
+                w = w.index_select(0, safe).view(-1, *[1] * (p.dim() - 1))
+            diff = w * diff  # (a scalar broadcasts)
+        g = torch.where(old, g + 2.0 * anchor_lambda * diff, g)
+    m, v = exp_avg.index_select(0, rows).to(acc), exp_avg_sq.index_select(0, rows).to(acc)
+    p, m, v, _ = _adamw_update(p, g, m, v, None, step, lr, beta1, beta2, eps, weight_decay)
+    exp_avg.index_copy_(0, rows, m.to(exp_avg.dtype))
+    exp_avg_sq.index_copy_(0, rows, v.to(exp_avg_sq.dtype))
+    param.index_copy_(0, rows, p.to(param.dtype))
 
 
 def _reference_sgd_(params, grads, momentum_buffers, first_step, coefficients, modality, lr, momentum, dampening, weight_decay, nesterov, noise, seed, noise_step, tensor_ids, anchors, anchor_weights, anchor_lambda):
@@ -307,32 +349,36 @@ def _check_anchors(anchors, anchor_weights, params):
     weights = list(anchor_weights) if anchor_weights else [None] * len(params)
     if len(weights) != len(params):
         raise ValueError(f"anchor_weights has {len(weights)} entries but params has {len(params)}")
-    out_a, out_w = [], []
-    for i, (a, w, p) in enumerate(zip(anchors, weights, params)):
-        if a is None:
-            if w is not None:
-                raise ValueError(f"anchor_weights[{i}] given without anchors[{i}]")
-            out_a.append(None)
-            out_w.append(None)
-            continue
-        if a.device != p.device:
-            raise ValueError(f"anchors[{i}] is on {a.device}, params[{i}] on {p.device}")
-        rows_ok = a.dim() == p.dim() and a.dim() >= 1 and a.shape[1:] == p.shape[1:] and a.shape[0] <= p.shape[0]
-        if not (a.shape == p.shape or rows_ok):
-            raise ValueError(f"anchors[{i}] must have the parameter's shape {tuple(p.shape)} or its first rows, got {tuple(a.shape)}")
-        out_a.append(a.detach().to(p.dtype).contiguous())
-        if w is None:
-            out_w.append(None)
-            continue
-        if not isinstance(w, torch.Tensor):
-            w = torch.tensor(float(w), dtype=p.dtype, device=p.device)
-        if w.device != p.device:
-            raise ValueError(f"anchor_weights[{i}] is on {w.device}, params[{i}] on {p.device}")
-        rows = a.shape[0] if a.dim() >= 1 else 1
-        if not (w.numel() == 1 or (w.dim() == 1 and w.numel() == rows) or w.shape == a.shape):
-            raise ValueError(f"anchor_weights[{i}] must be a scalar, [{rows}] (per row) or {tuple(a.shape)} (per element), got {tuple(w.shape)}")
-        out_w.append(w.detach().to(p.dtype).reshape(-1).contiguous())
-    return out_a, out_w
+    out = [_check_anchor(a, w, p, f"anchors[{i}]", f"anchor_weights[{i}]", f"params[{i}]")
+           for i, (a, w, p) in enumerate(zip(anchors, weights, params))]
+    return [a for a, _ in out], [w for _, w in out]
+
+
+def _check_anchor(a, w, p, a_name: str, w_name: str, p_name: str):
+    """(anchor, weight) checked against parameter p and converted to its dtype, contiguous; the
+    weight (a number, or a tensor: scalar, per anchor row or per element) flattened."""
+    if a is None:
+        if w is not None:
+            raise ValueError(f"{w_name} given without {a_name}")
+        return None, None
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"{a_name} must be a Tensor, got {type(a).__name__}")
+    if a.device != p.device:
+        raise ValueError(f"{a_name} is on {a.device}, {p_name} on {p.device}")
+    rows_ok = a.dim() == p.dim() and a.dim() >= 1 and a.shape[1:] == p.shape[1:] and a.shape[0] <= p.shape[0]
+    if not (a.shape == p.shape or rows_ok):
+        raise ValueError(f"{a_name} must have the parameter's shape {tuple(p.shape)} or its first rows, got {tuple(a.shape)}")
+    a = a.detach().to(p.dtype).contiguous()
+    if w is None:
+        return a, None
+    if not isinstance(w, torch.Tensor):
+        w = torch.tensor(float(w), dtype=p.dtype, device=p.device)
+    if w.device != p.device:
+        raise ValueError(f"{w_name} is on {w.device}, {p_name} on {p.device}")
+    rows = a.shape[0] if a.dim() >= 1 else 1
+    if not (w.numel() == 1 or (w.dim() == 1 and w.numel() == rows) or w.shape == a.shape):
+        raise ValueError(f"{w_name} must be a scalar, [{rows}] (per row) or {tuple(a.shape)} (per element), got {tuple(w.shape)}")
+    return a, w.detach().to(p.dtype).reshape(-1).contiguous()
 
 
 def _check_coefficients(coefficients, modality, params) -> torch.Tensor:
@@ -432,21 +478,141 @@ def validate_sgd_args(
     return (params, grads, momentum_buffers, first_step, coefficients, modality, lr, momentum, dampening, weight_decay, bool(nesterov), bool(noise), _seed64(seed), noise_step & _MASK32, tensor_ids, anchors, anchor_weights, anchor_lambda)
 
 
-_REFERENCE = {"modality_adamw_": _reference_adamw_, "modality_sgd_": _reference_sgd_}
-# positions of the tensor lists in each op's arguments (for the contiguity check of the dispatch)
-_TENSOR_LISTS = {"modality_adamw_": (0, 1, 2, 3, 4, 17, 18), "modality_sgd_": (0, 1, 2, 15, 16)}
-# positions of the lists each op writes
-_MUTATED = {"modality_adamw_": (0, 2, 3, 4), "modality_sgd_": (0, 2)}
+def _check_like(name: str, t, param: torch.Tensor, shape) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {t.layout}")
+    if t.dtype != param.dtype:
+        raise TypeError(f"{name} is {t.dtype}, param is {param.dtype}")
+    if t.device != param.device:
+        raise ValueError(f"{name} is on {t.device}, param on {param.device}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
+def check_row_ids(rows: torch.Tensor, num_rows: int) -> None:
+    """Row ids in [0, num_rows) and distinct, else a ValueError naming rows: data-dependent (one
+    host sync), so only when value checks are on (eager mode)."""
+    if not checking_values() or rows.numel() == 0:
+        return
+    ids = rows.sort().values
+    lo, hi, dup = torch.stack([ids[0], ids[-1], (ids[1:] == ids[:-1]).any().long()]).tolist()
+    if lo < 0 or hi >= num_rows:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"rows holds the id {bad}, out of range for a parameter of {num_rows} rows")
+    if dup:
+        raise ValueError("rows holds duplicated row ids (coalesce the sparse gradient first: its rows must be distinct)")
+
+
+def sparse_grad_rows(grad: torch.Tensor):
+    """(rows, grad_rows, sparse_dim) of a sparse COO gradient, as modality_adamw_rows_ takes them:
+    the distinct entries of its sparse dimensions as flat row ids (sorted) and the summed values of
+    each, [U, *shape[sparse_dim:]]. For sparse_dim > 1 the rows are those of the parameter viewed as
+    [prod(shape[:sparse_dim]), *shape[sparse_dim:]]. An uncoalesced gradient (nn.Embedding's, or
+    one after DDP's all-reduce) is coalesced: torch's sort-based coalesce() sums duplicates in a
+    fixed order on every device (index_add_ was 2x faster on an idle CPU but 15x slower when
+    another process shared the cores, and its GPU atomics sum in no fixed order)."""
+    sparse_dim = grad.sparse_dim()
+    grad = grad.coalesce()  # a no-op when already coalesced
+    idx = grad.indices()
+    rows = idx[0]
+    for d in range(1, sparse_dim):
+        rows = rows * grad.shape[d] + idx[d]
+    return rows, grad.values(), sparse_dim
+
+
+def validate_adamw_rows_args(
+    param, rows, grad_rows, exp_avg, exp_avg_sq, step, *,
+    coefficients: Optional[torch.Tensor] = None, modality: int = -1,
+    lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+    weight_decay: float = 1e-2, anchor: Optional[torch.Tensor] = None, anchor_weight=None,
+    anchor_lambda: float = 0.0, amsgrad: bool = False, noise: bool = False,
+) -> Optional[tuple]:
+    """The checked positional arguments of the row-sparse AdamW op (None when no row is listed); a
+    clear error naming the argument for anything wrong, before any tensor is touched."""
+    if amsgrad:
+        raise ValueError("amsgrad is not supported by the row-sparse step (a lazy max of v is not "
+                         "torch's amsgrad); use a dense gradient for this parameter")
+    if noise:
+        raise ValueError("noise is not supported by the row-sparse step (GE noise is dense: it acts "
+                         "on every element); use a dense gradient for this parameter")
+    if not isinstance(param, torch.Tensor):
+        raise TypeError(f"param must be a Tensor, got {type(param).__name__}")
+    if not param.is_floating_point():
+        raise TypeError(f"param must be floating point, got {param.dtype}")
+    if param.dim() < 1:
+        raise ValueError("param must have a row dimension (at least 1-D), got a 0-d tensor")
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"rows must be a Tensor, got {type(rows).__name__}")
+    if rows.dtype != torch.int64:
+        raise TypeError(f"rows must be int64 row ids, got {rows.dtype}")
+    if rows.dim() != 1:
+        raise ValueError(f"rows must be 1-D, got shape {list(rows.shape)}")
+    if rows.device != param.device:
+        raise ValueError(f"rows is on {rows.device}, param on {param.device}")
+    _check_like("grad_rows", grad_rows, param, (rows.shape[0],) + tuple(param.shape[1:]))
+    _check_like("exp_avg", exp_avg, param, param.shape)
+    _check_like("exp_avg_sq", exp_avg_sq, param, param.shape)
+    if len({id(param), id(exp_avg), id(exp_avg_sq)}) != 3:
+        raise ValueError("param, exp_avg and exp_avg_sq must be three different tensors")
+    step = _finite("step", step)
+    if step < 1:
+        raise ValueError(f"step must be the parameter's count after this step (>= 1), got {step}")
+    if not isinstance(modality, int) or isinstance(modality, bool):
+        raise TypeError("modality must be an int (-1: no modality)")
+    coefficients = _check_coefficients(coefficients, modality, [param])
+    lr, beta1, beta2, eps, weight_decay, anchor_lambda = (_finite(n, v) for n, v in (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps), ("weight_decay", weight_decay), ("anchor_lambda", anchor_lambda)))
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"betas must be in [0, 1), got ({beta1}, {beta2})")
+    anchor, anchor_weight = _check_anchor(anchor, anchor_weight, param, "anchor", "anchor_weight", "param")
+    check_row_ids(rows, param.shape[0])
+    if rows.numel() == 0:
+        return None
+    if anchor_lambda == 0.0:
+        anchor = anchor_weight = None
+    return (param, rows.contiguous(), grad_rows.detach().contiguous(), exp_avg, exp_avg_sq, step,
+            coefficients, modality, lr, beta1, beta2, eps, weight_decay, anchor, anchor_weight,
+            anchor_lambda)
+
+
+_REFERENCE = {"modality_adamw_": _reference_adamw_, "modality_sgd_": _reference_sgd_,
+              "modality_adamw_rows_": _reference_adamw_rows_}
+# positions of the tensors or tensor lists in each op's arguments (for the contiguity check of the
+# dispatch)
+_TENSOR_LISTS = {"modality_adamw_": (0, 1, 2, 3, 4, 17, 18), "modality_sgd_": (0, 1, 2, 15, 16),
+                 "modality_adamw_rows_": (0, 1, 2, 3, 4, 13, 14)}
+# positions of the tensors or lists each op writes
+_MUTATED = {"modality_adamw_": (0, 2, 3, 4), "modality_sgd_": (0, 2), "modality_adamw_rows_": (0, 3, 4)}
+# ops that an extension built from older sources may lack
+_NEWER_OPS = ("modality_adamw_rows_",)
+
+
+def _tensors(args: tuple, positions) -> List[torch.Tensor]:
+    out = []
+    for i in positions:
+        a = args[i]
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif a is not None:
+            out.extend(t for t in a if t is not None)
+    return out
+
+
+def choose_step_backend(op: str, device: torch.device, dtype: torch.dtype, contiguous: bool = True) -> str:
+    """The backend that runs family-A op `op` on tensors of this device and dtype."""
+    return _backend.choose_backend(op, device, dtype, contiguous=contiguous,
+                                   compiled_op=op if op in _NEWER_OPS else None)
 
 
 def run_step(op: str, args: tuple, backend: Optional[str] = None) -> str:
-    """Run op ("modality_adamw_" or "modality_sgd_") on checked arguments on `backend` (default:
-    the dispatch's choice); returns the backend used. The optimizers call this directly with
-    arguments they checked once."""
-    params = args[0]
+    """Run op ("modality_adamw_", "modality_sgd_" or "modality_adamw_rows_") on checked arguments on
+    `backend` (default: the dispatch's choice); returns the backend used. The optimizers call this
+    directly with arguments they checked once."""
     if backend is None:
-        contiguous = all(t.is_contiguous() for i in _TENSOR_LISTS[op] for t in args[i] if t is not None)
-        backend = _backend.choose_backend(op, params[0].device, params[0].dtype, contiguous=contiguous)
+        first = _tensors(args, (0,))[0]
+        contiguous = all(t.is_contiguous() for t in _tensors(args, _TENSOR_LISTS[op]))
+        backend = choose_step_backend(op, first.device, first.dtype, contiguous)
     if backend == "reference":
         with torch.no_grad():
             _REFERENCE[op](*args)
@@ -459,7 +625,7 @@ def run_step(op: str, args: tuple, backend: Optional[str] = None) -> str:
     if backend != "reference":
         # the kernels write through raw pointers: bump the version counters as an in-place torch
         # op would, so that autograd still detects a parameter modified after it was saved
-        mutated = [t for i in _MUTATED[op] for t in args[i]]
+        mutated = _tensors(args, _MUTATED[op])
         try:
             torch.autograd.graph.increment_version(mutated)
         except TypeError:  # torch before 2.6 takes one tensor at a time
@@ -498,6 +664,43 @@ def modality_sgd_(params, grads, momentum_buffers=(), first_step=None, **kwargs)
         run_step("modality_sgd_", args)
 
 
+def modality_adamw_rows_(
+    param: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor, exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor, step: float, *, coefficients: Optional[torch.Tensor] = None,
+    modality: int = -1, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
+    eps: float = 1e-8, weight_decay: float = 1e-2, anchor: Optional[torch.Tensor] = None,
+    anchor_weight=None, anchor_lambda: float = 0.0, amsgrad: bool = False, noise: bool = False,
+) -> None:
+    """Row-sparse (lazy) AdamW step of one parameter, in place: only the listed rows of param,
+    exp_avg and exp_avg_sq are read and written (torch.optim.SparseAdam's semantics, with
+    torch.optim.AdamW's arithmetic, decoupled weight decay, the modality coefficient and the anchor
+    term of the dense step).
+
+    param [N, ...] (a row = param[r], R = numel / N elements), exp_avg / exp_avg_sq of its shape and
+    dtype; rows: int64 [U] distinct row ids in any order (a coalesced sparse gradient's indices);
+    grad_rows [U, ...]: row i is the gradient of row rows[i]; step: the parameter's step count
+    after this step (bias corrections 1 - beta^step). For each listed row r:
+
+        g   = k * grad_row           (k = coefficients[modality], read on the device; -1: k = 1)
+        g  += 2 anchor_lambda w_r (p_r - anchor_r)          only if r < anchor.shape[0]
+        p_r = p_r (1 - lr weight_decay);  m_r = lerp(m_r, g, 1 - beta1);  v_r = beta2 v_r + (1 - beta2) g^2
+        p_r = p_r - lr / (1 - beta1^step) * m_r / (sqrt(v_r) / sqrt(1 - beta2^step) + eps)
+
+    anchor: the parameter's first rows [n_a, ...] (or its whole shape); anchor_weight: a number or
+    a scalar tensor, per row [n_a], or per element (anchor's shape); None: 1.
+    amsgrad and noise are not supported (a ValueError if asked). Errors: TypeError for a wrong
+    dtype, ValueError naming the argument for wrong shapes, devices, NaN hyper-parameters and, in
+    eager mode, row ids out of range or repeated; all before anything is written.
+    """
+    args = validate_adamw_rows_args(
+        param, rows, grad_rows, exp_avg, exp_avg_sq, step, coefficients=coefficients,
+        modality=modality, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        anchor=anchor, anchor_weight=anchor_weight, anchor_lambda=anchor_lambda, amsgrad=amsgrad,
+        noise=noise)
+    if args is not None:
+        run_step("modality_adamw_rows_", args)
+
+
 def _register_fakes() -> None:
     """Fake kernels of the C++ ops (they mutate in place and return nothing)."""
     if not _backend.extension_loaded():
@@ -510,6 +713,12 @@ def _register_fakes() -> None:
     @torch.library.register_fake("mmcl_fast::modality_sgd_")
     def _(*args, **kwargs):
         return None
+
+    if has_op("modality_adamw_rows_"):  # absent from an extension built from older sources
+
+        @torch.library.register_fake("mmcl_fast::modality_adamw_rows_")
+        def _(*args, **kwargs):
+            return None
 
 
 _register_fakes()

@@ -6,6 +6,10 @@ optimizer turns per-modality scores (or given coefficients) into coefficients k 
 gradients of a modality's groups are scaled by k_m, optionally with GE noise, and optionally pulled
 toward an anchor. With neither scores nor coefficients the step is plain torch AdamW / SGD.
 
+ModalityAdamW also takes sparse COO gradients (nn.Embedding(sparse=True), torch.sparse_coo_tensor):
+such a parameter gets a row-sparse, lazy AdamW step (mmcl_fast.ops.modality_adamw_rows_), see the
+class docstring.
+
 Extras kept on the device, saved by state_dict():
 - cross-task carry: the running mean of the coefficients applied during the current task; after
   `end_task()` the coefficient used is carry * mean_prev + (1 - carry) * k;
@@ -194,26 +198,51 @@ class _ModalityOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # every gradient is classified (dense or sparse; sparse ones checked and coalesced) before
+        # anything changes, so that a refused gradient leaves the parameters, their state and the
+        # coefficient history alone
+        work = []
+        for group in self.param_groups:
+            buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = defaultdict(list)
+            sparse = []
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.layout == torch.sparse_coo:
+                    sparse.append((i, self._sparse_rows(group, i)))
+                else:
+                    buckets[(p.device, p.dtype)].append(i)
+            work.append((group, buckets, sparse))
         k = self._coefficients(scores, coefficients)
         k_on: Dict[torch.device, torch.Tensor] = {}
-        for group in self.param_groups:
+
+        def coef_on(device):
+            if device not in k_on:
+                # to a GPU: asynchronous; to the CPU: the kernel reads it at once, so wait
+                k_on[device] = k.to(device, non_blocking=device.type != "cpu")
+            return k_on[device]
+
+        for group, buckets, sparse in work:
             modality = group.get("modality")
             midx = self.modalities.index(modality) if (k is not None and modality is not None) else -1
-            buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = defaultdict(list)
-            for i, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    buckets[(p.device, p.dtype)].append(i)
             for (device, _), idx in buckets.items():
-                coef = None
-                if midx >= 0:
-                    if device not in k_on:
-                        # to a GPU: asynchronous; to the CPU: the kernel reads it at once, so wait
-                        k_on[device] = k.to(device, non_blocking=device.type != "cpu")
-                    coef = k_on[device]
-                self._group_step(group, idx, coef, midx)
+                self._group_step(group, idx, coef_on(device) if midx >= 0 else None, midx)
+            for i, (rows, values, sparse_dim) in sparse:
+                device = group["params"][i].device
+                self._sparse_step(group, i, rows, values, sparse_dim, coef_on(device) if midx >= 0 else None, midx)
         self._global_step += 1
         self._task_step += 1
         return loss
+
+    def _param_name(self, p) -> str:
+        """'parameter <index>' (the index in the optimizer's parameters, as in its state_dict)."""
+        return f"parameter {self._param_ids()[id(p)]}"
+
+    def _sparse_rows(self, group, i):
+        """(rows, values, sparse_dim) of the sparse gradient of group["params"][i], or a clear error
+        when this optimizer or group cannot take it."""
+        raise TypeError(f"{type(self).__name__} takes dense gradients; {self._param_name(group['params'][i])} "
+                        "has a sparse gradient (ModalityAdamW takes sparse COO gradients)")
 
     def _anchor_args(self, group, idx):
         if group["anchor"] is None or group["anchor_lambda"] == 0.0:
@@ -322,6 +351,22 @@ class ModalityAdamW(_ModalityOptimizer):
 
     >>> opt = ModalityAdamW(param_groups_by_modality(model, {"vision": ["vis.*"], "text": ["txt.*"]}))
     >>> loss.backward(); opt.step(scores=modality_scores(unimodal_logits, y))
+
+    Sparse gradients. A parameter whose .grad is a sparse COO tensor (nn.Embedding(sparse=True),
+    torch.sparse_coo_tensor; uncoalesced ones, e.g. after DDP's all-reduce, are coalesced here) gets
+    a lazy AdamW step, torch.optim.SparseAdam's semantics with AdamW's arithmetic: only the rows
+    present in the gradient (the entries of its sparse dimensions) are read and written; their
+    moments and values get the update with the group's coefficient k, decoupled weight decay, and,
+    for rows inside the anchor, the anchor term. Rows not present are left exactly as they were:
+    no decay, no moment decay, and no anchor pull. That is consistent, not an omission: the anchor
+    term only modifies the gradient, and a lazy step never moves a row it does not list, so an
+    untouched row cannot drift from its anchor. The parameter's step count (for the bias
+    corrections) counts the steps in which it had a gradient; its moments are dense tensors like
+    torch's, so state_dict() has the same layout for dense and sparse parameters and a parameter
+    may switch between the two. Not supported with sparse gradients (a ValueError naming the
+    option): amsgrad, and noise on a modality group (GE noise acts on every element). On a GPU
+    the sparse step reads the number of distinct rows on the host (one sync, as SparseAdam's
+    coalescing); the dense step makes none.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -343,14 +388,7 @@ class ModalityAdamW(_ModalityOptimizer):
     def _group_step(self, group, idx, coef, midx):
         def prepare():  # missing state, created when a plan is built
             for i in idx:
-                p = group["params"][i]
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["amsgrad"] and "max_exp_avg_sq" not in state:
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self._init_state(group["params"][i], group["amsgrad"])
 
         def make():
             params = [group["params"][i] for i in idx]
@@ -374,9 +412,7 @@ class ModalityAdamW(_ModalityOptimizer):
                         weights=args[18], ones=torch.ones(1, device=params[0].device),
                         contiguous=all(t.is_contiguous() for t in args[0] + args[2] + args[3] + args[4]))
 
-        beta1, beta2 = (_ops._finite(f"betas[{i}]", b) for i, b in enumerate(group["betas"]))
-        lr, eps, weight_decay, anchor_lambda = (
-            _ops._finite(k, group[k]) for k in ("lr", "eps", "weight_decay", "anchor_lambda"))
+        lr, beta1, beta2, eps, weight_decay, anchor_lambda = self._hyper(group)
         plan = self._plan(group, idx, make, prepare)
         grads, coef, noise = self._step_args(group, plan, coef, midx)
         plan["steps"].add_(1.0)
@@ -385,6 +421,90 @@ class ModalityAdamW(_ModalityOptimizer):
                 beta2, eps, weight_decay, noise["noise"], noise["seed"],
                 noise["noise_step"], plan["tensor_ids"], plan["anchors"], plan["weights"], anchor_lambda)
         self._run("modality_adamw_", plan, args)
+
+    def _init_state(self, p, amsgrad: bool):
+        """torch.optim.AdamW's state of p, created where missing."""
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @staticmethod
+    def _hyper(group) -> Tuple[float, ...]:
+        """(lr, beta1, beta2, eps, weight_decay, anchor_lambda) of a group, checked (a group's values
+        may be changed between steps, e.g. by a scheduler)."""
+        beta1, beta2 = (_ops._finite(f"betas[{i}]", b) for i, b in enumerate(group["betas"]))
+        lr, eps, weight_decay, anchor_lambda = (
+            _ops._finite(k, group[k]) for k in ("lr", "eps", "weight_decay", "anchor_lambda"))
+        return lr, beta1, beta2, eps, weight_decay, anchor_lambda
+
+    def _sparse_rows(self, group, i):
+        p = group["params"][i]
+        if group["amsgrad"]:
+            raise ValueError(f"amsgrad is not supported with sparse gradients ({self._param_name(p)}): "
+                             "use a dense gradient or a group with amsgrad=False")
+        if self.noise and group.get("modality") is not None:
+            raise ValueError(f"noise is not supported with sparse gradients ({self._param_name(p)}, in the "
+                             f"modality group {group['modality']!r}): GE noise acts on every element")
+        grad = p.grad
+        if grad.shape != p.shape:
+            raise ValueError(f"the sparse gradient of {self._param_name(p)} has shape {list(grad.shape)}, "
+                             f"the parameter {list(p.shape)}")
+        if grad.dtype != p.dtype:
+            raise TypeError(f"the sparse gradient of {self._param_name(p)} is {grad.dtype}, the parameter {p.dtype}")
+        if grad.device != p.device:
+            raise ValueError(f"the sparse gradient of {self._param_name(p)} is on {grad.device}, the parameter on {p.device}")
+        sparse_dim = grad.sparse_dim()
+        if sparse_dim > 1 and not p.is_contiguous():
+            raise ValueError(f"{self._param_name(p)}: a gradient sparse in {sparse_dim} dimensions needs a "
+                             "contiguous parameter (its sparse dimensions are stepped as the rows of a view)")
+        return _ops.sparse_grad_rows(grad)
+
+    def _sparse_step(self, group, i, rows, values, sparse_dim, coef, midx):
+        p = group["params"][i]
+        state = self._init_state(p, False)
+        anchor_on = group["anchor"] is not None and group["anchor_lambda"] != 0.0
+        anchor = group["anchor"][i] if anchor_on else None
+        weight = group["anchor_weight"][i] if anchor_on else None
+        key = ("rows", id(group), i, id(p), sparse_dim, id(state["exp_avg"]), id(state["exp_avg_sq"]),
+               id(anchor), id(weight))
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            plan = self._plans[key] = self._rows_plan(p, state, anchor, weight, sparse_dim)
+        lr, beta1, beta2, eps, weight_decay, anchor_lambda = self._hyper(group)
+        state["step"].add_(1.0)
+        if rows.numel() == 0:
+            return
+        values = values.contiguous()
+        op = "modality_adamw_rows_"
+        backend = _ops.choose_step_backend(op, p.device, p.dtype, plan["contiguous"])
+        _ops.run_step(op, (plan["param"], rows.contiguous(), values, plan["exp_avg"], plan["exp_avg_sq"],
+                           float(state["step"]), plan["ones"] if coef is None else coef, midx, lr, beta1,
+                           beta2, eps, weight_decay, plan["anchor"], plan["weight"], anchor_lambda), backend)
+
+    def _rows_plan(self, p, state, anchor, weight, sparse_dim):
+        """The per-parameter constants of the sparse step: the tensors as the row-sparse op sees them
+        (for a gradient sparse in s > 1 dimensions, views whose rows are the entries of the first s
+        dimensions) and the checked anchor and weight."""
+        name = self._param_name(p)
+        anchor, weight = _ops._check_anchor(anchor, weight, p, f"the anchor of {name}",
+                                            f"the anchor_weight of {name}", name)
+        views = [p, state["exp_avg"], state["exp_avg_sq"]]
+        if sparse_dim > 1:
+            views = [t.view((-1,) + tuple(p.shape[sparse_dim:])) for t in views]
+            if anchor is not None:
+                per_leading_row = weight is not None and weight.numel() == anchor.shape[0] != anchor.numel()
+                if per_leading_row:  # one weight per row of the view
+                    weight = weight.repeat_interleave(anchor[0].numel() // views[0][0].numel())
+                anchor = anchor.view((-1,) + tuple(p.shape[sparse_dim:]))
+        return dict(param=views[0], exp_avg=views[1], exp_avg_sq=views[2], anchor=anchor, weight=weight,
+                    ones=torch.ones(1, device=p.device), contiguous=all(t.is_contiguous() for t in views))
 
 
 class ModalitySGD(_ModalityOptimizer):
