@@ -159,7 +159,9 @@ def run_benchmarks(benchmarks: str = "benchmarks", json_file: str | None = None,
             cmd += ["-k", k]
         cmd += list(pytest_args)
         print("+ " + " ".join(cmd), flush=True)
-        rc = subprocess.call(cmd)
+        # PYTHONSAFEPATH (Python >= 3.11): the checkout's root stays off sys.path, or its kernels/
+        # folder would shadow the PyPI package `kernels` that transformers imports
+        rc = subprocess.call(cmd, env={**os.environ, "PYTHONSAFEPATH": "1"})
         if os.path.isfile(out):
             data = load(out)
             if data["benchmarks"]:

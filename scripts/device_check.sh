@@ -18,11 +18,11 @@ TORCH_CUDA_ARCH_LIST=$cap MAX_JOBS=$(nproc) MMCL_FAST_FORCE_CUDA=1 \
   "$py" -m pip install -q --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 \
   || { tail -40 "$out/build.log"; exit 1; }
 echo "== built in $((SECONDS - t0)) s"
-"$py" -m pytest tests -q -ra -p no:cacheprovider --benchmark-disable ${MMCL_FAST_TEST_ARGS:-} 2>&1 | tee "$out/tests.log" | tail -25
+PYTHONSAFEPATH=1 "$py" -m pytest tests -q -ra -p no:cacheprovider --benchmark-disable ${MMCL_FAST_TEST_ARGS:-} 2>&1 | tee "$out/tests.log" | tail -25
 echo "== tests done at $((SECONDS - t0)) s"
 benches=("$@")
 [ ${#benches[@]} -eq 0 ] && benches=(benchmarks)
-"$py" -m pytest "${benches[@]}" -q -p no:cacheprovider --benchmark-only \
+PYTHONSAFEPATH=1 "$py" -m pytest "${benches[@]}" -q -p no:cacheprovider --benchmark-only \
   --benchmark-json="$out/bench.json" > "$out/bench.log" 2>&1 || tail -30 "$out/bench.log"
 echo "== benchmarks done at $((SECONDS - t0)) s"
 "$py" benchmarks/report.py "$out/bench.json"

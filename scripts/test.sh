@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 venv=$(realpath -m "${MMCL_FAST_VENV:-.venv}")
-TRITON_INTERPRET=1 MMCL_FAST_EXPECT_EXTENSION=1 "$venv/bin/python" -m pytest tests -q -ra "$@"
+# PYTHONSAFEPATH (Python >= 3.11): the checkout's root stays off sys.path, or its kernels/ folder
+# (installed as mmcl_fast.kernels) would shadow the PyPI package `kernels` that transformers >= 5.25
+# imports
+PYTHONSAFEPATH=1 TRITON_INTERPRET=1 MMCL_FAST_EXPECT_EXTENSION=1 "$venv/bin/python" -m pytest tests -q -ra "$@"
 # the benchmark files still run (each competitor once, at a small size, untimed)
-MMCL_FAST_BENCH_SMALL=1 "$venv/bin/python" -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider
+MMCL_FAST_BENCH_SMALL=1 PYTHONSAFEPATH=1 "$venv/bin/python" -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider

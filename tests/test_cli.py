@@ -243,7 +243,7 @@ def test_bench_failed_run_does_not_print_an_old_table(tmp_path, capsys, monkeypa
     pytest.importorskip("pytest_benchmark")
     out = tmp_path / "out.json"
     out.write_text(json.dumps(_bench_json()))  # an earlier run's table
-    monkeypatch.setattr(bench.subprocess, "call", lambda cmd: 3)  # pytest fails before writing any JSON
+    monkeypatch.setattr(bench.subprocess, "call", lambda cmd, **kw: 3)  # pytest fails before writing any JSON
     assert main(["bench", "--benchmarks", str(tmp_path), "--json", str(out)]) == 3
     assert "x vs baseline" not in capsys.readouterr().out and not out.exists()
 
