@@ -21,7 +21,8 @@ import torch
 
 from .data import MultimodalData
 
-SCENARIOS = ("class-incremental", "task-incremental", "domain-incremental")
+# "snapshot-incremental": a growing knowledge graph (new entities, relations and facts per snapshot)
+SCENARIOS = ("class-incremental", "task-incremental", "domain-incremental", "snapshot-incremental")
 INTRODUCES_KEYS = ("classes", "relations", "entity_types", "entities")
 
 
