@@ -22,7 +22,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -320,17 +320,26 @@ class ContinualTrainer:
         tlog.train_seconds = time.time() - t0
         self.task_logs.append(tlog)
 
-    def _score(self, task: Task) -> float:
+    def _score(self, task: Task) -> tuple[float, dict[str, float]]:
+        """The task's score and any further metrics: `evaluate` returns a number, or a mapping
+        holding the run's metric (e.g. {"mrr": ..., "hits@10": ...})."""
         if task.n_test == 0:
-            return math.nan  # nothing to score: left out of every metric
-        return float(self.method.evaluate(task))
+            return math.nan, {}  # nothing to score: left out of every metric
+        out = self.method.evaluate(task)
+        if isinstance(out, Mapping):
+            metric = self.results.metric
+            if metric not in out:
+                raise KeyError(f"evaluate() returned {sorted(out)} without the run's metric {metric!r}")
+            extra = {str(k): float(v) for k, v in out.items() if k != metric}
+            return float(out[metric]), extra
+        return float(out), {}
 
     def _evaluate_init(self, log) -> None:
         for task in self.stream:
             t0 = time.time()
-            score = self._score(task)
+            score, extra = self._score(task)
             self.results.record_init(task.index, score)
-            self._write(log, None, task, score, time.time() - t0)
+            self._write(log, None, task, score, time.time() - t0, extra)
 
     def _evaluate_after(self, t: int, log) -> None:
         tlog = self.task_logs[-1]
@@ -338,13 +347,14 @@ class ContinualTrainer:
             if task.index > t and not self.eval_future:
                 break
             t0 = time.time()
-            score = self._score(task)
+            score, extra = self._score(task)
             dt = time.time() - t0
             tlog.eval_seconds += dt
-            self.results.record(t, task.index, score)
-            self._write(log, t, task, score, dt)
+            self.results.record(t, task.index, score, extra)
+            self._write(log, t, task, score, dt, extra)
 
-    def _write(self, log, trained: int | None, task: Task, score: float, seconds: float) -> None:
+    def _write(self, log, trained: int | None, task: Task, score: float, seconds: float,
+               extra: dict[str, float] | None = None) -> None:
         record = {
             "task_trained": trained,
             "task_trained_name": None if trained is None else self.stream[trained].name,
@@ -352,6 +362,7 @@ class ContinualTrainer:
             "task_evaluated_name": task.name,
             "metric": self.results.metric,
             "score": None if math.isnan(score) else score,
+            **({"metrics": extra} if extra else {}),
             "n_test": task.n_test,
             "step": self.global_step,
             "eval_seconds": round(seconds, 6),

@@ -26,7 +26,10 @@ def _none_to_nan(x):
 
 
 class ResultMatrix:
-    """R[i, j] = score on task j after training task i, for a stream of `len(task_names)` tasks."""
+    """R[i, j] = score on task j after training task i, for a stream of `len(task_names)` tasks.
+
+    `extra[name]` holds further metrics of the same evaluations (e.g. Hits@10 beside MRR), one
+    [T, T] matrix per name, filled by `record(..., extra={name: value})`."""
 
     def __init__(self, task_names: Sequence[str], metric: str = "accuracy",
                  test_sizes: Sequence[int] | None = None):
@@ -40,14 +43,33 @@ class ResultMatrix:
         self.test_sizes = None if test_sizes is None else [int(n) for n in test_sizes]
         self.R = np.full((T, T), math.nan)
         self.init = np.full(T, math.nan)
+        self.extra: dict[str, np.ndarray] = {}
         self.rows_done = 0  # tasks trained (and evaluated) so far
 
     @property
     def num_tasks(self) -> int:
         return len(self.task_names)
 
-    def record(self, trained: int, evaluated: int, score: float) -> None:
+    def record(self, trained: int, evaluated: int, score: float, extra: dict[str, float] | None = None) -> None:
         self.R[trained, evaluated] = float(score)
+        for name, value in (extra or {}).items():
+            if name not in self.extra:
+                self.extra[name] = np.full(self.R.shape, math.nan)
+            self.extra[name][trained, evaluated] = float(value)
+
+    def extra_summary(self) -> dict[str, dict[str, float]]:
+        """For each extra metric: its average over the seen tasks after the last trained task
+        (test-size weighted too when the sizes are known), as `summary()` does for the score."""
+        if self.rows_done == 0:
+            return {}
+        sizes = self.test_sizes if self.test_sizes is not None and sum(self.test_sizes) > 0 else None
+        out = {}
+        for name, m in self.extra.items():
+            done = m[: self.rows_done]
+            out[name] = {"average": metrics.average_score(done)}
+            if sizes is not None:
+                out[name]["weighted_average"] = metrics.average_score(done, weights=sizes)
+        return out
 
     def record_init(self, evaluated: int, score: float) -> None:
         self.init[evaluated] = float(score)
@@ -81,6 +103,7 @@ class ResultMatrix:
             "matrix": _nan_to_none(self.R.tolist()),
             "init": _nan_to_none(self.init.tolist()),
             "rows_done": self.rows_done,
+            "extra": {name: _nan_to_none(m.tolist()) for name, m in self.extra.items()},
         }
 
     @classmethod
@@ -88,6 +111,8 @@ class ResultMatrix:
         out = cls(d["task_names"], d.get("metric", "accuracy"), d.get("test_sizes"))
         out.R = np.array([_none_to_nan(row) for row in d["matrix"]], dtype=np.float64)
         out.init = np.array(_none_to_nan(d["init"]), dtype=np.float64)
+        out.extra = {name: np.array([_none_to_nan(row) for row in m], dtype=np.float64)
+                     for name, m in (d.get("extra") or {}).items()}
         out.rows_done = int(d["rows_done"])
         return out
 
