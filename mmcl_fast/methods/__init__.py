@@ -67,5 +67,6 @@ def methods() -> list[MethodSpec]:
 
 
 from . import digits  # noqa: F401  (registers "digits")
+from . import mofot  # noqa: F401, E402  (registers "mofot")
 
 __all__ = ["MethodSpec", "get_method", "method_names", "methods", "register_method"]

@@ -1,5 +1,9 @@
 """Modules built on the op families, and their integration into Hugging Face / timm models.
 
+Op family C (embedding modulation, MoFot): MultimodalKGE (a KG embedding with frozen feature
+modalities fused by modulated_embedding, interpolated projections), its scores, losses and queries
+(mmcl_fast.nn.kge).
+
 Op family B (shared-key attention, MSPT): SharedKeyBank, SharedKeyAttention, the distillation
 contexts (record_attention_maps, attention_distillation) and the patching helpers of
 mmcl_fast.nn.patching (transformers and timm are imported only when those helpers run).
@@ -16,6 +20,7 @@ from .patching import (
     unpatch,
     use_fused_attention_timm,
 )
+from .kge import FeatureSource, MultimodalKGE, compose_query, kge_loss, score_triples
 from .shared_key_attention import (
     AttentionMaps,
     DistillLosses,
@@ -27,6 +32,11 @@ from .shared_key_attention import (
 )
 
 __all__ = [
+    "FeatureSource",
+    "MultimodalKGE",
+    "compose_query",
+    "kge_loss",
+    "score_triples",
     "SharedKeyBank",
     "SharedKeyAttention",
     "AttentionMaps",
