@@ -18,6 +18,7 @@ that names the key (exit status 2).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -164,6 +165,33 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_cls, exclude: Sequ
                                help=f"(default: {default})")
 
 
+@contextlib.contextmanager
+def _distributed_from_env():
+    """Under torchrun (WORLD_SIZE > 1 in the environment): the process group for the run (gloo on
+    the CPU, nccl with GPUs), destroyed at the end; yields (rank, world_size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield 0, 1
+        return
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    try:
+        yield dist.get_rank(), world
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_output(output: str, rank: int) -> str:
+    """Rank 0 writes the run's folder; the others keep their own checkpoints (for resuming) in a
+    hidden subfolder of it."""
+    return output if rank == 0 else os.path.join(output, f".rank{rank}")
+
+
 def _cmd_run(args) -> int:
     from mmcl_fast.continual.config import config_to_dict, parse_assignments
     from mmcl_fast.continual.experiment import check_output_dir, run_experiment
@@ -184,12 +212,14 @@ def _cmd_run(args) -> int:
     except (ValueError, ImportError) as exc:
         raise CliError(str(exc)) from None
     progress = False if args.no_progress else None
-    try:
-        run_experiment(experiment, args.output, method_name=spec.name, config=config_to_dict(config),
-                       progress=progress, resume=not args.fresh, stop_after=args.stop_after,
-                       print_fn=None if args.quiet else print)
-    except ResumeError as exc:
-        raise CliError(f"{exc} (--fresh starts over)") from None
+    with _distributed_from_env() as (rank, _):
+        try:
+            run_experiment(experiment, _rank_output(args.output, rank), method_name=spec.name,
+                           config=config_to_dict(config), progress=progress if rank == 0 else False, resume=not args.fresh,
+                           stop_after=args.stop_after, print_fn=None if args.quiet or rank else print,
+                           plots=rank == 0)
+        except ResumeError as exc:
+            raise CliError(f"{exc} (--fresh starts over)") from None
     return 0
 
 
@@ -213,9 +243,11 @@ def _cmd_compare(args) -> int:
         flags = {k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith("cfg:")}
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
         seeds = _int_list(args.seeds, "--seeds")
-        run_comparison(spec, args.output, strategies, seeds, file=args.config, values=flags,
-                       overrides=parse_assignments(args.set or []), fresh=args.fresh,
-                       progress=False if args.no_progress else None, print_fn=print)
+        overrides = parse_assignments(args.set or [])
+        with _distributed_from_env() as (rank, _):
+            run_comparison(spec, _rank_output(args.output, rank), strategies, seeds, file=args.config, values=flags,
+                           overrides=overrides, fresh=args.fresh,
+                           progress=False if args.no_progress or rank else None, print_fn=None if rank else print)
     except (ValueError, ImportError) as exc:
         raise CliError(str(exc)) from None
     except ResumeError as exc:

@@ -79,3 +79,32 @@ def test_two_processes_equal_one(tmp_path, sparse):
     # near-zero gradients moves a parameter by up to a step's size, and that adds up over the steps)
     np.testing.assert_allclose(ranks[0]["R"], R1, atol=2e-3)
     assert not np.array_equal(R1, np.zeros_like(R1))
+
+
+def test_torchrun_cli_writes_one_run(tmp_path):
+    """`torchrun --nproc_per_node 2 -m mmcl_fast.cli run mofot ...`: rank 0 writes the run's folder,
+    and its MRR matrix is the one-process matrix."""
+    import json
+    import subprocess
+    import sys
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun is not installed beside this Python")
+    common = ["run", "mofot", "--set", "preset=tiny", "--set", "modalities=none", "--set", "threads=1",
+              "--no-progress", "--quiet"]
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mmcl_fast.cli", *common,
+                          "-o", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    one = subprocess.run([sys.executable, "-m", "mmcl_fast.cli", *common, "-o", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+
+    def matrix(d):
+        rows = json.loads((tmp_path / d / "results.json").read_text())["result_matrix"]["matrix"]
+        return np.array([[np.nan if v is None else v for v in r] for r in rows])
+
+    assert (tmp_path / "ddp" / "result_matrix.png").exists()
+    assert not (tmp_path / "ddp" / ".rank1" / "result_matrix.png").exists()
+    np.testing.assert_allclose(matrix("ddp"), matrix("one"), atol=2e-3)
