@@ -377,7 +377,11 @@ def test_cli_run_and_compare(tmp_path, capsys):
     assert res["metric"] == "mrr" and res["complete"]
     assert (tmp_path / "run" / "result_matrix.png").stat().st_size > 0
     assert main(["compare", "mofot", "--strategies", "finetune,mofot", "--seeds", "0,1", "-o", str(tmp_path / "cmp"),
-                 *common]) == 0
+                 *common, "--set", "mofot.reg_lambda=0.5"]) == 0
+    run_cfg = {s: json.loads((tmp_path / "cmp" / s / "seed1" / "results.json").read_text())["config"]
+               for s in ("finetune", "mofot")}
+    assert run_cfg["mofot"]["reg_lambda"] == 0.5 and run_cfg["finetune"]["reg_lambda"] == 1.0
+    assert run_cfg["mofot"]["seed"] == 1
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "finetune" in table and "mofot" in table and "±" in table
     cmp = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
@@ -386,4 +390,5 @@ def test_cli_run_and_compare(tmp_path, capsys):
     # bad input: a usage error, nothing run
     assert main(["compare", "mofot", "--strategies", "finetune", "--seeds", "x", "-o", str(tmp_path / "c2")]) == 2
     assert main(["run", "mofot", "-o", str(tmp_path / "r2"), "--set", "strategy=nope"]) == 2
+    assert main(["compare", "mofot", "--strategies", "finetune", "-o", str(tmp_path / "c3"), "--set", "ewc.dim=8"]) == 2
     assert "strategy" in capsys.readouterr().err

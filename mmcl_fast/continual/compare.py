@@ -2,6 +2,9 @@
 
     mmcl-fast compare mofot --strategies mofot,finetune,retrain,ewc,lkge --seeds 0,1,2 -o runs/cmp --set kg=umls
 
+A key given as `<strategy>.<key>` (`--set ewc.reg_lambda=0.1`) applies to that strategy only, so that
+each strategy can run with the hyper-parameters chosen for it (on the valid facts: `eval_split=valid`).
+
 Each (strategy, seed) is an ordinary run (`run_experiment`) in `<output>/<strategy>/seed<k>/`, so a
 stopped comparison resumes run by run, and every run keeps its own log, results and pictures. The
 method's config must have the keys `strategy` and `seed`; everything else (the data, the
@@ -152,6 +155,22 @@ def plot_comparison(rows: Mapping[str, Sequence[Mapping[str, Any]]], agg, path: 
     return path
 
 
+def split_overrides(overrides: Mapping[str, Any], strategies: Sequence[str]):
+    """(shared overrides, {strategy: its own overrides}) from keys `key` and `<strategy>.key`."""
+    shared: dict[str, Any] = {}
+    own: dict[str, dict[str, Any]] = {s: {} for s in strategies}
+    for key, value in overrides.items():
+        prefix, dot, rest = key.partition(".")
+        if not dot:
+            shared[key] = value
+        elif prefix in own and rest:
+            own[prefix][rest] = value
+        else:
+            raise ValueError(f"override {key!r}: a dotted key must be <strategy>.<key> with a strategy of this "
+                             f"comparison ({', '.join(strategies)})")
+    return shared, own
+
+
 def run_comparison(spec, output_dir: str, strategies: Sequence[str], seeds: Sequence[int], *,
                    file: str | None = None, values: Mapping[str, Any] | None = None,
                    overrides: Mapping[str, Any] | None = None, fresh: bool = False, progress: bool | None = None,
@@ -169,7 +188,8 @@ def run_comparison(spec, output_dir: str, strategies: Sequence[str], seeds: Sequ
         raise ValueError("--seeds needs at least one seed")
     if len(set(strategies)) != len(strategies) or len(set(seeds)) != len(seeds):
         raise ValueError("strategies and seeds must not repeat")
-    configs = {(s, k): spec.make_config(values, file=file, overrides={**(overrides or {}), "strategy": s, "seed": k})
+    shared, own = split_overrides(overrides or {}, strategies)
+    configs = {(s, k): spec.make_config(values, file=file, overrides={**shared, **own[s], "strategy": s, "seed": k})
                for s in strategies for k in seeds}
     os.makedirs(output_dir, exist_ok=True)
     rows: dict[str, list[dict[str, Any]]] = {s: [] for s in strategies}
@@ -191,9 +211,10 @@ def run_comparison(spec, output_dir: str, strategies: Sequence[str], seeds: Sequ
                      f"train {row['train_seconds']:.1f} s")
     agg = aggregate(rows)
     table = format_table(agg, metric, len(seeds))
-    shared = {k: v for k, v in config_to_dict(next(iter(configs.values()))).items() if k not in ("strategy", "seed")}
+    per_keys = {"strategy", "seed"} | {k for d in own.values() for k in d}
+    common = {k: v for k, v in config_to_dict(next(iter(configs.values()))).items() if k not in per_keys}
     payload = {"method": spec.name, "metric": metric, "strategies": list(strategies), "seeds": list(seeds),
-               "config": shared, "runs": runs, "aggregate": agg, "table": table}
+               "config": common, "per_strategy": own, "runs": runs, "aggregate": agg, "table": table}
     tmp = os.path.join(output_dir, "comparison.json.tmp")
     with open(tmp, "w") as f:
         json.dump(jsonable(payload), f, indent=2)
