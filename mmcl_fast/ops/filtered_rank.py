@@ -245,7 +245,11 @@ def build_filter(known_triples: torch.Tensor, triples: torch.Tensor, side: str =
     n_ent = int(both[:, [0, 2]].max()) + 1 if both.numel() else 1
     n_rel = int(both[:, 1].max()) + 1 if both.numel() else 1
     key = known[:, a] * n_rel + known[:, b]
-    pair = torch.unique(key * n_ent + known[:, ans])  # sorted, distinct (key, answer)
+    # sorted, distinct (key, answer); by sort and neighbour comparison: torch.unique without an
+    # inverse took 150 ms for 60k keys on 2 CPU threads (2 ms on one), the sort 5 ms
+    pair = torch.sort(key * n_ent + known[:, ans])[0]
+    if pair.numel() > 1:
+        pair = pair[torch.cat([pair.new_ones(1, dtype=torch.bool), pair[1:] != pair[:-1]])]
     pkey, pans = pair // n_ent, pair % n_ent
     qkey = q[:, a] * n_rel + q[:, b]
     lo = torch.searchsorted(pkey, qkey, side="left")
