@@ -297,7 +297,7 @@ def test_eval(benchmark, device, name, data):
         fn = eval_fn(name, data)
     peak = None if device.type == "cuda" else peak_mb_in_subprocess(__file__, name, data)
     kg, _, _, test, _ = eval_problem(data)
-    run_bench(benchmark, device, fn, rounds=ROUNDS, peak_mb=peak, queries=2 * int(test.shape[0]),
+    run_bench(benchmark, device, fn, rounds=min(ROUNDS, 3), peak_mb=peak, queries=2 * int(test.shape[0]),
               entities=kg.num_entities)
 
 

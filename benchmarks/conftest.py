@@ -81,8 +81,11 @@ def peak_mb_in_subprocess(script: str, *args: str):
 
     if os.environ.get("MMCL_FAST_BENCH_MEMORY", "1") == "0" or small():
         return None
+    # the script imports conftest from its own folder: PYTHONSAFEPATH (set by the test commands to
+    # keep the checkout's root off sys.path) would hide it
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
     res = subprocess.run([sys.executable, os.path.abspath(script), *args], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(script)), timeout=900)
+                         cwd=os.path.dirname(os.path.abspath(script)), timeout=900, env=env)
     if res.returncode != 0:
         return None
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
