@@ -380,7 +380,7 @@ def test_cli_run_and_compare(tmp_path, capsys):
                  *common, "--set", "mofot.reg_lambda=0.5"]) == 0
     run_cfg = {s: json.loads((tmp_path / "cmp" / s / "seed1" / "results.json").read_text())["config"]
                for s in ("finetune", "mofot")}
-    assert run_cfg["mofot"]["reg_lambda"] == 0.5 and run_cfg["finetune"]["reg_lambda"] == 1.0
+    assert run_cfg["mofot"]["reg_lambda"] == 0.5 and run_cfg["finetune"]["reg_lambda"] == 0.0
     assert run_cfg["mofot"]["seed"] == 1
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "finetune" in table and "mofot" in table and "±" in table
