@@ -105,4 +105,16 @@ TORCH_LIBRARY(mmcl_fast, m) {
   m.def(
       "filtered_rank_counts(Tensor queries, Tensor entities, Tensor target, Tensor filter_indptr, "
       "Tensor filter_indices, int score, int num_candidates) -> (Tensor, Tensor)");
+  // Knowledge-graph triple scores with negatives (mmcl_fast/ops/kge_scores.py): entities [U, D],
+  // relations [b, Dr] (Dr = D, D / 2 for rotate's phases), heads / tails [b] int64, negatives
+  // [b, K] int64 (the first num_head replace the head, the rest the tail), all ids in [0, U);
+  // score 0 transe_l1, 1 transe_l2, 2 distmult, 3 complex, 4 rotate -> pos [b] acc, neg [b, K] acc
+  m.def(
+      "kge_scores_forward(Tensor entities, Tensor relations, Tensor heads, Tensor tails, "
+      "Tensor negatives, int num_head, int score) -> (Tensor, Tensor)");
+  // grad_pos [b] acc, grad_neg [b, K] acc -> grad_entities [U, D] (every occurrence accumulated),
+  // grad_relations [b, Dr]; recomputed from the inputs (nothing of the forward is saved)
+  m.def(
+      "kge_scores_backward(Tensor grad_pos, Tensor grad_neg, Tensor entities, Tensor relations, "
+      "Tensor heads, Tensor tails, Tensor negatives, int num_head, int score) -> (Tensor, Tensor)");
 }

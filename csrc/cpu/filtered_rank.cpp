@@ -55,12 +55,6 @@ MMCL_INLINE vec_t<T> vabs(vec_t<T> x) {
   const VI r = reinterpret_cast<const VI&>(x) & (VI{} + std::numeric_limits<I>::max());
   return reinterpret_cast<const vec_t<T>&>(r);
 }
-template <typename T>
-MMCL_INLINE vec_t<T> vsqrt(vec_t<T> x) {
-  vec_t<T> r;
-  for (int64_t l = 0; l < kW<T>; ++l) r[l] = std::sqrt(x[l]);
-  return r;
-}
 // The lane sums of kW accumulators at once, as one vector: r[p] = the sum of a[p]'s lanes, in the
 // same order for every p: ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) (float),
 // (l0 + l1) + (l2 + l3) (double). Pairwise adds of neighbours within 128-bit halves (hadd), then

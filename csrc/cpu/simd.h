@@ -5,6 +5,7 @@
 // a fixed order, so results are reproducible.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "cpu/cpu_clones.h"
@@ -43,6 +44,12 @@ MMCL_INLINE vec_t<T> vsplat(T x) {
 template <typename T>
 MMCL_INLINE vec_t<T> vmax(vec_t<T> a, vec_t<T> b) {
   return a > b ? a : b;
+}
+template <typename T>
+MMCL_INLINE vec_t<T> vsqrt(vec_t<T> x) {
+  vec_t<T> r;
+  for (int64_t l = 0; l < kW<T>; ++l) r[l] = std::sqrt(x[l]);
+  return r;
 }
 template <typename T>
 MMCL_INLINE T hsum(vec_t<T> x) {

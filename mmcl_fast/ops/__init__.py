@@ -9,6 +9,7 @@ from .modality_step import (
     split_head_logits,
 )
 from .filtered_rank import build_filter, filtered_rank, filtered_rank_counts, rank_metrics
+from .kge_scores import kge_scores
 from .modulated_embedding import anchor_penalty, interpolate_weights, modulated_embedding
 from .shared_key_attention import (
     asymmetric_relu_distance,
@@ -36,4 +37,5 @@ __all__ = [
     "filtered_rank_counts",
     "rank_metrics",
     "build_filter",
+    "kge_scores",
 ]
