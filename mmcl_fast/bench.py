@@ -32,6 +32,10 @@ BASELINE_BY_PREFIX = {
     "C-interp": "[eager_reference",
     "C-anchor": "[eager_reference",
     "C-rank": "[lkge",
+    "C-kge": "[eager_reference",
+    "E-kge-epoch": "[pykeen",
+    "E-mofot-epoch": "[reference",
+    "E-eval": "[pykeen",
 }
 
 

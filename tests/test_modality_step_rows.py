@@ -216,6 +216,21 @@ def test_sparse_grad_rows_is_the_coalesced_gradient(shape, sparse_dim, nnz):
     assert sparse_grad_rows(ref)[0].data_ptr() == ref.indices().data_ptr() or sparse_dim > 1  # no copy
 
 
+@pytest.mark.parametrize("order", ["ascending", "descending", "repeats"])
+def test_sparse_grad_rows_of_sorted_rows_marked_uncoalesced(order):
+    """Autograd marks a gradient built coalesced as uncoalesced again; rows already sorted and
+    distinct are taken as they are, anything else is still coalesced (summed, sorted)."""
+    from mmcl_fast.ops.modality_step import sparse_grad_rows
+
+    idx = {"ascending": [0, 2, 5, 9], "descending": [9, 5, 2, 0], "repeats": [0, 2, 2, 9]}[order]
+    vals = torch.arange(12.0).reshape(4, 3)
+    grad = torch.sparse_coo_tensor(torch.tensor([idx]), vals, (10, 3))
+    assert not grad.is_coalesced()
+    rows, values, _ = sparse_grad_rows(grad)
+    ref = grad.coalesce()
+    assert torch.equal(rows, ref.indices()[0]) and torch.equal(values, ref.values())
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: a clear error naming the argument, nothing written
 # ------------------------------------------------------------------------------------------------

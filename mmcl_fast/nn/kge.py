@@ -37,9 +37,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..ops import interpolate_weights, modulated_embedding
+from ..ops import interpolate_weights, kge_scores, modulated_embedding
+from ..ops.kge_scores import SCORES, _cmul, score_triples
 
-SCORES = ("transe_l1", "transe_l2", "distmult", "complex", "rotate")
 LOSSES = ("self_adversarial", "margin")
 # the score as filtered_rank names it (the query already composed)
 RANK_SCORE = {"transe_l1": "transe_l1", "transe_l2": "transe_l2", "distmult": "distmult", "complex": "complex",
@@ -57,34 +57,13 @@ def relation_width(score: str, dim: int) -> int:
     return dim // 2 if score == "rotate" else dim
 
 
-def _cmul(a: torch.Tensor, b: torch.Tensor, conj_b: bool = False) -> torch.Tensor:
-    """Complex product of [re | im] rows (b conjugated on request)."""
-    h = a.shape[-1] // 2
-    ar, ai, br, bi = a[..., :h], a[..., h:], b[..., :h], b[..., h:]
-    if conj_b:
-        bi = -bi
-    return torch.cat([ar * br - ai * bi, ar * bi + ai * br], -1)
+def _conj(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat([x[..., :h], -x[..., h:]], -1)
 
 
 def _rotation(theta: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cos(theta), torch.sin(theta)], -1)
-
-
-def score_triples(h: torch.Tensor, r: torch.Tensor, t: torch.Tensor, score: str) -> torch.Tensor:
-    """The score of (h, r, t), broadcasting over leading dimensions (higher is more plausible)."""
-    if score == "transe_l1":
-        return -(h + r - t).abs().sum(-1)
-    if score == "transe_l2":
-        return -torch.linalg.vector_norm(h + r - t, dim=-1)
-    if score == "distmult":
-        return (h * r * t).sum(-1)
-    if score == "complex":
-        return (_cmul(h, r) * t).sum(-1)
-    if score == "rotate":
-        d = _cmul(h, _rotation(r)) - t
-        k = d.shape[-1] // 2
-        return -torch.sqrt(d[..., :k] ** 2 + d[..., k:] ** 2 + 1e-12).sum(-1)
-    raise ValueError(f"score must be one of {SCORES}, got {score!r}")
 
 
 def compose_query(known: torch.Tensor, r: torch.Tensor, score: str, side: str) -> torch.Tensor:
@@ -98,9 +77,10 @@ def compose_query(known: torch.Tensor, r: torch.Tensor, score: str, side: str) -
     if score == "distmult":
         return known * r
     if score == "complex":
-        return _cmul(known, r) if tail else _cmul(known, r, conj_b=True)
+        return _cmul(known, r if tail else _conj(r))
     if score == "rotate":
-        return _cmul(known, _rotation(r), conj_b=not tail)
+        rot = _rotation(r)
+        return _cmul(known, rot if tail else _conj(rot))
     raise ValueError(f"score must be one of {SCORES}, got {score!r}")
 
 
@@ -289,24 +269,21 @@ class MultimodalKGE(nn.Module):
             out.append(torch.addmm(ws[2 * k + 1], x, ws[2 * k].t()))
         return torch.stack(out)
 
-    def fuse(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Fused representations of entities rows[index] -> [len(index), D] (rows distinct)."""
+    def representations(self, rows: torch.Tensor) -> torch.Tensor:
+        """Fused representations h_e of the distinct entities `rows` -> [U, D]."""
         tables = self.modality_rows(rows)
         if not self.feature_names:
-            # modulated_embedding with one modality, gamma 1 and beta 0 is the gather: its backward
-            # is the kernel's scatter-add (torch's index_select backward is a serial scatter)
-            return modulated_embedding(tables, index, self.gamma, self.beta)
+            return tables[0]
         gates = torch.addmm(self.gate_bias, tables[0], self.gate.t())  # [U, M]
-        return modulated_embedding(tables, index, self.gamma, self.beta, gate_logits=gates.index_select(0, index),
-                                   modality_mask=self.modality_mask.index_select(0, rows))
+        return modulated_embedding(tables, torch.arange(rows.numel(), device=rows.device), self.gamma, self.beta,
+                                   gate_logits=gates, modality_mask=self.modality_mask.index_select(0, rows))
 
     @torch.no_grad()
     def entity_representations(self, count: int, chunk: int = 4096) -> torch.Tensor:
         """h_e of entities [0, count) -> [count, D] (for ranking)."""
         outs = []
         for s in range(0, count, chunk):
-            rows = torch.arange(s, min(s + chunk, count), device=self.entity.weight.device)
-            outs.append(self.fuse(rows, torch.arange(rows.numel(), device=rows.device)))
+            outs.append(self.representations(torch.arange(s, min(s + chunk, count), device=self.entity.weight.device)))
         return torch.cat(outs) if outs else self.entity.weight.new_zeros((0, self.dim))
 
     @torch.no_grad()
@@ -320,18 +297,9 @@ class MultimodalKGE(nn.Module):
         """Scores of positives [b, 3] and their negatives [b, K] (entity ids: the first
         `num_head` replace the head, the rest the tail) -> (pos [b], neg [b, K])."""
         b, K = negatives.shape
-        h, r, t = positives[:, 0], positives[:, 1], positives[:, 2]
-        ids = torch.cat([h, t, negatives.reshape(-1)])
+        ids = torch.cat([positives[:, 0], positives[:, 2], negatives.reshape(-1)])
         rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-        # split, not slices: the backward of three slices would zero-fill three copies of e's shape
-        eh, et, en = torch.split(self.fuse(rows, inverse), [b, b, b * K])
-        en = en.view(b, K, -1)
-        rel = self.relation(r)
-        pos = score_triples(eh, rel, et, self.score)
-        rel_k = rel[:, None, :]
-        parts = []
-        if num_head > 0:
-            parts.append(score_triples(en[:, :num_head], rel_k, et[:, None, :], self.score))
-        if num_head < K:
-            parts.append(score_triples(eh[:, None, :], rel_k, en[:, num_head:], self.score))
-        return pos, torch.cat(parts, 1)
+        # the fused op scores every triple from the [U, D] rows of the batch's distinct entities:
+        # no [b, K, D] tensor of gathered negatives, one pass over the rows
+        return kge_scores(self.representations(rows), self.relation(positives[:, 1]), inverse[:b],
+                          inverse[b:2 * b], inverse[2 * b:].view(b, K), num_head, self.score)

@@ -514,6 +514,13 @@ def sparse_grad_rows(grad: torch.Tensor):
     fixed order on every device (index_add_ was 2x faster on an idle CPU but 15x slower when
     another process shared the cores, and its GPU atomics sum in no fixed order)."""
     sparse_dim = grad.sparse_dim()
+    if sparse_dim == 1 and not grad.is_coalesced():
+        # a gradient built coalesced (rows sorted and distinct, e.g. mmcl_fast.nn.MultimodalKGE's) is
+        # marked uncoalesced again by autograd's accumulation: one comparison (tens of microseconds)
+        # spares the sort of coalesce() (2.4 ms for 10k rows of 200 here)
+        idx = grad._indices()[0]
+        if idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all()):
+            return idx, grad._values(), 1
     grad = grad.coalesce()  # a no-op when already coalesced
     idx = grad.indices()
     rows = idx[0]
