@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 BASELINES = {
     "A-noise": "test_noise_seed_style_loop",
     "A-plain-k": "test_plain_k_foreach_mul_fused_adamw",
+    "A-rows": "test_rows_torch_adam_dense_grad",
 }
 BASELINE_BY_PREFIX = {
     "B-": "[eager_reference-",
