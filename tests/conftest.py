@@ -56,3 +56,12 @@ def assert_close(a, b, tol, what):
     err = (a.double() - b.double()).abs().max().item()
     scale = max(1.0, b.double().abs().max().item())
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x {scale:.3g}"
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a gloo process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

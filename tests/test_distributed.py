@@ -1,7 +1,6 @@
 """Two gloo processes on the CPU: replicas stay bit-identical, and without noise they follow a
 single-process run on the concatenated batch."""
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ from torch import nn
 
 from mmcl_fast.ops import modality_scores, split_head_logits
 from mmcl_fast.optim import ModalityAdamW, param_groups_by_modality
+
+from conftest import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -75,18 +76,12 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     """Both ranks' final parameters and coefficients, without and with noise (one spawn: starting
     the processes costs far more than the 2 x 20 steps)."""
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return {noise: [torch.load(out / f"rank{r}_noise{int(noise)}.pt") for r in range(WORLD)] for noise in (False, True)}
 
 

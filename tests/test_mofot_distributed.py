@@ -1,13 +1,14 @@
 """MoFot under torch.distributed: two gloo processes (DDP training on shards of each batch, ranking
 sharded by query) give the same MRR matrix as one process, and the replicas stay identical."""
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from conftest import free_port
 
 pytestmark = [pytest.mark.distributed]
 pytest.importorskip("pykeen")
@@ -48,12 +49,6 @@ def _worker(rank, port, out_dir, sparse):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("sparse", [False, True])
 def test_two_processes_equal_one(tmp_path, sparse):
     if sparse:
@@ -65,7 +60,7 @@ def test_two_processes_equal_one(tmp_path, sparse):
             ModalityAdamW([p], lr=0.1).step()
         except TypeError:
             pytest.skip("ModalityAdamW takes no sparse gradient in this build")
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), sparse), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), sparse), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     torch.set_num_threads(1)
     R1, _ = _run(str(tmp_path / "single"), sparse)
