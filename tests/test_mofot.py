@@ -300,14 +300,17 @@ def test_mofot_modulates_and_interpolates(tiny_snapshots):
     assert not ft.method.model.interpolation
 
 
-def test_resume_gives_the_same_matrix(tmp_path, tiny_snapshots):
-    config, exp = tiny_experiment(tiny_snapshots, strategy="ewc")
+@pytest.mark.parametrize("strategy", ["ewc", "mofot"])
+def test_resume_gives_the_same_matrix(tmp_path, tiny_snapshots, strategy):
+    """Stopped after a snapshot and resumed: the matrix of a run that never stopped (the Fisher,
+    W_prev, the interpolation's snapshot number and the generators ride in the checkpoint)."""
+    config, exp = tiny_experiment(tiny_snapshots, strategy=strategy)
     full = run_experiment(exp, str(tmp_path / "full"), method_name="mofot", config={"k": 1}, progress=False,
                           print_fn=None, plots=False)
-    _, exp2 = tiny_experiment(tiny_snapshots, strategy="ewc")
+    _, exp2 = tiny_experiment(tiny_snapshots, strategy=strategy)
     run_experiment(exp2, str(tmp_path / "part"), method_name="mofot", config={"k": 1}, progress=False,
                    print_fn=None, plots=False, stop_after=0)
-    _, exp3 = tiny_experiment(tiny_snapshots, strategy="ewc")
+    _, exp3 = tiny_experiment(tiny_snapshots, strategy=strategy)
     resumed = run_experiment(exp3, str(tmp_path / "part"), method_name="mofot", config={"k": 1}, progress=False,
                              print_fn=None, plots=False)
     assert resumed["resumed_from_task"] == 1
@@ -338,6 +341,7 @@ def test_backends_give_the_same_training(tiny_snapshots):
     ("strategy", "replay", "strategy"), ("score", "transh", "score"), ("growth", "time", "growth"),
     ("kg", "fb15k", "kg"), ("kg", "lkge:", "kg"), ("dim", "0", "dim"), ("lr", "nan", "lr"),
     ("features", "text", "features"), ("features", "a=x.npy,a=y.npy", "features"),
+    ("features", "my.text=x.npy", "identifier"),
 ])
 def test_bad_config(key, value, match):
     with pytest.raises(ValueError, match=match):
@@ -356,6 +360,26 @@ def test_feature_rows_and_nan_are_refused():
     bad[2, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         FeatureSource(bad)
+
+
+def test_a_users_feature_matrix(tmp_path, tiny_snapshots):
+    """features=name=path: rows in the stream's entity order; a wrong row count or a NaN is an error
+    naming the file, before any training."""
+    n = tiny_snapshots.num_entities
+    good, short, nan = tmp_path / "good.npy", tmp_path / "short.npy", tmp_path / "nan.npy"
+    np.save(good, np.random.default_rng(0).standard_normal((n, 6)).astype(np.float32))
+    np.save(short, np.zeros((n - 1, 6), dtype=np.float32))
+    bad = np.zeros((n, 6), dtype=np.float32)
+    bad[3, 2] = np.nan
+    np.save(nan, bad)
+    config = MoFotConfig(kg="umls", preset="tiny", modalities="none", features=f"extra={good}")
+    exp = make_experiment(config, snapshots=tiny_snapshots)
+    exp.method.setup(exp.stream)
+    assert exp.method.model.modalities == ["structure", "extra"]
+    for path, match in ((short, "short.npy.*rows"), (nan, "nan.npy.*(NaN|nan)")):
+        with pytest.raises(ValueError, match=match):
+            make_experiment(MoFotConfig(kg="umls", preset="tiny", modalities="none", features=f"extra={path}"),
+                            snapshots=tiny_snapshots)
 
 
 def test_empty_snapshot_from_a_tiny_kg(tmp_path):

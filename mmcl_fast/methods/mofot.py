@@ -151,6 +151,8 @@ def parse_features(spec: str) -> dict[str, str]:
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
         name, sep, path = item.partition("=")
         check("features", bool(sep and name.strip() and path.strip()), "'name=path,...' entries", item)
+        check("features", name.strip().isidentifier(), "entries whose modality name is an identifier "
+              "(letters, digits, _)", item)
         check("features", name.strip() not in out and name.strip() != "structure",
               "distinct modality names other than 'structure'", item)
         out[name.strip()] = path.strip()
