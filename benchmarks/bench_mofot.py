@@ -247,31 +247,21 @@ def eval_pykeen(data):
 
 
 def eval_lkge(data):
-    """LKGE's test loop: per side, per chunk of 100 queries, float64 [100, N, D] differences, the
-    filtered answers pushed down, the rank from a double argsort."""
-    kg, E, R, test, known = eval_problem(data)
+    """LKGE's test loop (bench_filtered_rank.lkge: float64 [100, N, D] differences per chunk, the
+    filtered answers pushed down, a double argsort) on each side's composed queries."""
+    from bench_filtered_rank import lkge
+
     from mmcl_fast.ops import build_filter
 
-    E64, R64 = E.double(), R.double()
-    filters = {side: build_filter(known, test, side) for side in ("head", "tail")}
-
-    def run():
-        ranks = []
-        for side, (indptr, indices) in filters.items():
-            given, target = (test[:, 0], test[:, 2]) if side == "tail" else (test[:, 2], test[:, 0])
-            rows_all = torch.repeat_interleave(torch.arange(test.shape[0]), indptr.diff())
-            for s in range(0, test.shape[0], 100):
-                e = min(s + 100, test.shape[0])
-                q = compose_query(E64[given[s:e]], R64[test[s:e, 1]], "transe_l1", side)
-                pred = -torch.norm(q.unsqueeze(1) - E64, p=1, dim=2)
-                b = torch.arange(e - s)
-                keep = pred[b, target[s:e]].clone()
-                sel = (rows_all >= s) & (rows_all < e)
-                pred[rows_all[sel] - s, indices[sel]] = -1e30
-                pred[b, target[s:e]] = keep
-                ranks.append(1 + torch.argsort(torch.argsort(pred, dim=1, descending=True), dim=1)[b, target[s:e]])
-        return torch.cat(ranks)
-    return run
+    kg, E, R, test, known = eval_problem(data)
+    E64 = E.double()  # LKGE keeps float64 embeddings
+    sides = []
+    for side in ("head", "tail"):
+        indptr, indices = build_filter(known, test, side)
+        given, target = (test[:, 0], test[:, 2]) if side == "tail" else (test[:, 2], test[:, 0])
+        q = compose_query(E[given], R[test[:, 1]], "transe_l1", side)
+        sides.append({"q": q, "E64": E64, "t": target, "indptr": indptr, "indices": indices})
+    return lambda: torch.cat([lkge(d) for d in sides])
 
 
 EVAL_COMPETITORS = {"pykeen": eval_pykeen, "lkge": eval_lkge, "ours": eval_ours}

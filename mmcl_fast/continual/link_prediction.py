@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..nn.kge import RANK_SCORE, compose_query
+from ..nn.kge import SCORES, compose_query
 from ..ops import build_filter, filtered_rank
 
 SIDES = ("head", "tail")
@@ -36,8 +36,8 @@ def link_prediction_ranks(entities: torch.Tensor, relations: torch.Tensor, test:
                           score: str, num_candidates: int | None = None, ties: str = "realistic",
                           sides: Sequence[str] = SIDES, batch_size: int = 4096) -> torch.Tensor:
     """Filtered ranks [len(sides) * n] of the n test facts (head ranks first), float."""
-    if score not in RANK_SCORE:
-        raise ValueError(f"score must be one of {tuple(RANK_SCORE)}, got {score!r}")
+    if score not in SCORES:  # filtered_rank knows these by the same names, for composed queries
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     for side in sides:
         if side not in SIDES:
             raise ValueError(f"sides must be taken from {SIDES}, got {side!r}")
@@ -56,7 +56,7 @@ def link_prediction_ranks(entities: torch.Tensor, relations: torch.Tensor, test:
                               score, side)
             ptr = indptr[s:e + 1] - indptr[s]
             idx = indices[int(indptr[s]):int(indptr[e])]
-            out.append(filtered_rank(q.contiguous(), entities, target[s:e], ptr, idx, RANK_SCORE[score],
+            out.append(filtered_rank(q.contiguous(), entities, target[s:e], ptr, idx, score,
                                      num_candidates=num_candidates, ties=ties))
     return torch.cat(out) if out else entities.new_zeros(0)
 

@@ -41,9 +41,6 @@ from ..ops import interpolate_weights, kge_scores, modulated_embedding
 from ..ops.kge_scores import SCORES, _cmul, score_triples
 
 LOSSES = ("self_adversarial", "margin")
-# the score as filtered_rank names it (the query already composed)
-RANK_SCORE = {"transe_l1": "transe_l1", "transe_l2": "transe_l2", "distmult": "distmult", "complex": "complex",
-              "rotate": "rotate"}
 
 
 def check_score(score: str, dim: int) -> None:
