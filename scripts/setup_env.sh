@@ -19,6 +19,9 @@ t0=$SECONDS
 apt_missing=()
 [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || apt_missing+=(fonts-noto-color-emoji)
 [ -f /usr/share/iso-codes/json/iso_639-3.json ] || apt_missing+=(iso-codes)
+# WordNet 3.0 (MSPT's offline data set); the sense index is the corpus's index.sense
+[ -f /usr/share/wordnet/data.noun ] || apt_missing+=(wordnet-base)
+[ -f /usr/share/wordnet/index.sense ] || apt_missing+=(wordnet-sense-index)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
     apt-get install -y -q "${apt_missing[@]}" > /dev/null || { apt-get update -q > /dev/null && apt-get install -y -q "${apt_missing[@]}" > /dev/null; }
@@ -30,7 +33,9 @@ fi
 if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install -q --upgrade "setuptools>=70" wheel ninja
+# setuptools_scm<9: seqeval (MSPT's NER metric) is an sdist whose setup_requires would otherwise
+# fetch setuptools_scm 10, which fails without vcs_versioning
+"$venv/bin/python" -m pip install -q --upgrade "setuptools>=70" wheel ninja "setuptools_scm<9"
 # torch (and the torchvision built for it) first and pinned together, so that installing timm
 # below cannot swap torch for another build
 "$venv/bin/python" -m pip install -q "$torch_req" $vision_req

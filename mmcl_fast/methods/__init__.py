@@ -68,5 +68,6 @@ def methods() -> list[MethodSpec]:
 
 from . import digits  # noqa: F401  (registers "digits")
 from . import mofot  # noqa: F401, E402  (registers "mofot")
+from . import mspt  # noqa: F401, E402  (registers "mspt")
 
 __all__ = ["MethodSpec", "get_method", "method_names", "methods", "register_method"]

@@ -1,0 +1,135 @@
+"""MSPT's two-stream model (DESIGN.md 8.1): a text stream and a vision stream whose last `L_M`
+layers use shared-key attention (one SharedKeyBank per layer, shared by both streams, and a bias
+per stream), with a relation head or a CRF tagging head on the fused features.
+
+- Text stream: a transformers `BertModel` (pretrained all-MiniLM-L6-v2 by default, any local BERT
+  directory, or one built from a config).
+- Vision stream (`TokenVisionEncoder`): frozen patch tokens (EfficientNet-Lite0's 7x7 map, 1280
+  channels) projected to the text stream's width, a learned [CLS] token in front, then a small
+  BERT-geometry transformer encoder built from a config (no pretrained ViT ships offline). Its heads
+  and head size equal the text stream's, so that the two can share key banks.
+- Heads: relation extraction on [vision CLS; text CLS]; NER per word (the word's first sub-token)
+  on [text token; vision CLS], with a linear-chain CRF (pytorch-crf) decoded only when evaluating.
+
+The streams are patched by `mmcl_fast.nn.patch_bert`, so training uses the fused shared-key
+attention (op family B) and distillation runs through `attention_distillation`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .patching import make_banks, patch_bert
+
+NER_TYPES = ("PER", "LOC", "ORG", "MISC")
+NER_TAGS = ("O",) + tuple(f"{p}-{t}" for t in NER_TYPES for p in ("B", "I"))
+
+
+def _bert_config(hidden: int, heads: int, layers: int, max_positions: int, vocab: int, dropout: float):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      intermediate_size=4 * hidden, max_position_embeddings=max_positions, type_vocab_size=1,
+                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+
+
+def _bert(config):
+    from transformers import BertModel
+
+    # eager attention in the unpatched layers: identical numbers on every machine, and the patched
+    # layers run the fused op whatever this says
+    return BertModel(config, add_pooling_layer=False)
+
+
+class TokenVisionEncoder(nn.Module):
+    """Frozen patch tokens [B, P, in_dim] -> states [B, 1 + P, hidden] (position 0: a learned CLS),
+    through a trainable projection and a small BERT-geometry encoder."""
+
+    def __init__(self, in_dim: int, hidden: int, heads: int, layers: int, num_tokens: int, dropout: float = 0.1):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, hidden)
+        self.cls = nn.Parameter(torch.zeros(1, 1, hidden))
+        nn.init.trunc_normal_(self.cls, std=0.02)
+        self.encoder = _bert(_bert_config(hidden, heads, layers, num_tokens + 1, 1, dropout))
+        # inputs come as embeddings: the one-row word table is never read
+        self.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.proj(tokens.to(self.proj.weight.dtype))
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        return self.encoder(inputs_embeds=x).last_hidden_state
+
+
+class MSPTModel(nn.Module):
+    """The two streams, their shared key banks and the task head.
+
+    `kind` "re": logits [B, C] over relations; "ner": emissions [B, W, C] over NER_TAGS per word
+    (and a `crf`). `forward` returns (logits, (first-modality features, second-modality features))
+    in the head's concatenation order, `modalities`, for split_head_logits."""
+
+    def __init__(self, text: nn.Module, vision: TokenVisionEncoder, kind: str, num_labels: int, *,
+                 shared_layers: int = 3, shared_keys: bool = True, text_len: int = 64, vision_len: int = 50):
+        super().__init__()
+        if kind not in ("re", "ner"):
+            raise ValueError(f"kind must be 're' or 'ner', got {kind!r}")
+        cfg = text.config
+        heads, hidden = cfg.num_attention_heads, cfg.hidden_size
+        vcfg = vision.encoder.config
+        if (vcfg.num_attention_heads, vcfg.hidden_size) != (heads, hidden):
+            raise ValueError(f"the vision stream has {vcfg.num_attention_heads} heads of width {vcfg.hidden_size}; "
+                             f"the text stream {heads} of {hidden}: shared keys need the same")
+        layers = min(cfg.num_hidden_layers, vcfg.num_hidden_layers)
+        if not 1 <= shared_layers <= layers:
+            raise ValueError(f"shared_layers must be in [1, {layers}] (the shallower stream's depth), got {shared_layers}")
+        self.kind = kind
+        # the banks first: named_parameters() names a shared bank "banks.<i>.key" (not after a stream)
+        self.banks = make_banks(shared_layers, heads, max(text_len, vision_len), hidden // heads) if shared_keys else None
+        self.text = text
+        self.vision = vision
+        patch_bert(self.text, layers=shared_layers, banks=self.banks, max_len=text_len, modality="text")
+        patch_bert(self.vision.encoder, layers=shared_layers, banks=self.banks, max_len=vision_len, modality="vision")
+        if shared_keys:
+            # a patched layer keeps its key projection (same state-dict names) but reads the bank
+            for stream in (self.text, self.vision.encoder):
+                for layer in stream.encoder.layer[-shared_layers:]:
+                    layer.attention.self.key.requires_grad_(False)
+        self.modalities = ("vision", "text") if kind == "re" else ("text", "vision")
+        self.head = nn.Linear(2 * hidden, num_labels)
+        self.crf = None
+        if kind == "ner":
+            from torchcrf import CRF
+
+            self.crf = CRF(num_labels, batch_first=True)
+
+    def forward(self, input_ids, attention_mask, image_tokens, word_index=None):
+        text = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        vis_cls = self.vision(image_tokens)[:, 0]
+        if self.kind == "re":
+            feats = (vis_cls, text[:, 0])
+            return self.head(torch.cat(feats, 1)), feats
+        # one position per word: its first sub-token (padding words read position 0, masked later)
+        idx = word_index.clamp_min(0)
+        words = text.gather(1, idx.unsqueeze(-1).expand(-1, -1, text.shape[-1]))
+        vis = vis_cls.unsqueeze(1).expand(-1, words.shape[1], -1)
+        return self.head(torch.cat([words, vis], -1)), (words, vis)
+
+
+def freeze_text(model: nn.Module, embeddings: bool, train_layers: int) -> None:
+    """Freeze the text stream's word embeddings and all but its last `train_layers` layers (0: all
+    layers train)."""
+    if embeddings:
+        model.embeddings.requires_grad_(False)
+    layers = model.encoder.layer
+    if train_layers and train_layers < len(layers):
+        for layer in layers[: len(layers) - train_layers]:
+            layer.requires_grad_(False)
+
+
+def allowed_tags(seen_types: Sequence[str]) -> torch.Tensor:
+    """[len(NER_TAGS)] bool: O and the B-/I- tags of the types seen."""
+    return torch.tensor([t == "O" or t[2:] in seen_types for t in NER_TAGS], dtype=torch.bool)
+
+
+__all__ = ["MSPTModel", "NER_TAGS", "NER_TYPES", "TokenVisionEncoder", "allowed_tags", "freeze_text"]
