@@ -110,7 +110,8 @@ def test_ner_scores_by_hand():
 # -- config ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("key, value", [("lr", 0), ("shared_layers", 9), ("task", "ner"), ("gamma", -1.0),
                                         ("order", "PLX"), ("data_dir", "/no/such/folder"), ("carry", 2.0),
-                                        ("max_len", 4), ("text_model", "/no/such/bert")])
+                                        ("max_len", 4), ("text_model", "/no/such/bert"),
+                                        ("vision_model", "vit"), ("clip_patch_size", 5)])
 def test_bad_config_names_the_key(key, value):
     with pytest.raises(ValueError, match=key):
         get_method("mspt").make_config({key: value})
@@ -203,9 +204,9 @@ def test_modulation_scales_only_the_streams(data_dirs):
             if g.get("modality") == "text":
                 assert n.startswith("text.")
             elif g.get("modality") == "vision":
-                assert n.startswith("vision.encoder.")
+                assert n.startswith("vision.")
             else:
-                assert not n.startswith(("text.", "vision.encoder.")), n
+                assert not n.startswith(("text.", "vision.")), n
     assert any(n.startswith("banks.") for g in opt.param_groups if g.get("modality") is None for n in
                (names[id(p)] for p in g["params"]))
     x, y, n = _batch(m, 0)
@@ -274,3 +275,18 @@ def test_cli_run_and_compare(tmp_path, data_dirs):
                  *common[:-1]]) == 0
     assert (tmp_path / "cmp" / "comparison.md").exists()
     assert main(["run", "mspt", "-o", str(tmp_path / "bad"), "--set", "alpha=-1", "--quiet"]) == 2
+
+
+def test_clip_vision_stream_shares_the_bank(data_dirs):
+    """vision_model=clip-config: a CLIPVisionModel on the pixels, patched by patch_clip_vision onto
+    the same banks; one step trains, and the bank's gradient comes from its layers too."""
+    config, exp, m = _ready(data_dirs, vision_model="clip-config", clip_image_size=32, clip_patch_size=8)
+    assert type(m.model.vision.encoder).__name__ == "CLIPVisionModel"
+    assert m.image_table.dtype == torch.uint8 and m.image_table.shape[-1] == 32
+    x, y, n = _batch(m, 0)
+    vis = m.model.vision(m.image_table[x["image"]])
+    assert vis.shape[1] == 1 + 16
+    g, = torch.autograd.grad(vis[:, 0].pow(2).sum(), m.model.banks[-1].key)
+    assert g.abs().max() > 0
+    loss = m.train_step(exp.stream[0], (x, y, n))
+    assert torch.isfinite(loss)

@@ -358,6 +358,23 @@ def image_tokens(images: Sequence, *, cache_dir=None) -> tuple[torch.Tensor, tor
     return table, torch.tensor([row[k] for k in keys], dtype=torch.long)
 
 
+def image_pixels(images: Sequence, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each distinct image as a vision tower sees it (on white, padded to a square, `size` px):
+    (table [U, 3, size, size] uint8, index [N]); not cached (decoding is cheap next to the tower)."""
+    from PIL import Image
+
+    prepared = [_prepared(_decoded(img, i)) for i, img in enumerate(images)]
+    keys = [hashlib.sha256(p.tobytes()).hexdigest() for p in prepared]
+    row: dict[str, int] = {}
+    pixels = []
+    for p, k in zip(prepared, keys):
+        if k not in row:
+            row[k] = len(pixels)
+            im = p if size == IMAGE_SIZE else p.resize((size, size), Image.BICUBIC)
+            pixels.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1))
+    return torch.stack(pixels), torch.tensor([row[k] for k in keys], dtype=torch.long)
+
+
 # ------------------------------------------------------------------------------------------------
 # numeric literals
 # ------------------------------------------------------------------------------------------------

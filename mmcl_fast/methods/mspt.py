@@ -86,6 +86,12 @@ class MSPTConfig:
     # model: "minilm" (pretrained all-MiniLM-L6-v2, offline), a local BERT folder, or "config" (a
     # BERT of hidden / heads / text_layers built here, random weights, MiniLM's tokenizer)
     text_model: str = "minilm"
+    # vision: "effnet" (frozen EfficientNet-Lite0 patch tokens + a small encoder of vision_layers),
+    # "clip-config" (a CLIPVisionModel built here: the text stream's width and heads, vision_layers,
+    # clip_image_size px, patches of clip_patch_size) or a local CLIPVisionModel folder
+    vision_model: str = "effnet"
+    clip_image_size: int = 224
+    clip_patch_size: int = 32
     hidden: int = 384
     heads: int = 12
     text_layers: int = 6
@@ -164,6 +170,10 @@ class MSPTConfig:
             layers = self.text_layers if self.text_model == "config" else 6
             check("shared_layers", self.shared_layers <= min(layers, self.vision_layers),
                   f"<= the layers of both streams ({min(layers, self.vision_layers)})", self.shared_layers)
+        check("vision_model", self.vision_model in ("effnet", "clip-config") or os.path.isdir(self.vision_model),
+              "'effnet', 'clip-config' or a local CLIPVisionModel folder that exists", self.vision_model)
+        check("clip_patch_size", self.clip_patch_size >= 1 and self.clip_image_size % self.clip_patch_size == 0,
+              f"a divisor of clip_image_size={self.clip_image_size}", self.clip_patch_size)
         check("split", not self.split or os.path.isfile(self.split), "a JSON file that exists", self.split)
         check("data_dir", not self.data_dir or os.path.isdir(self.data_dir), "a folder that exists", self.data_dir)
         check_device("device", self.device)
@@ -345,6 +355,31 @@ def _load_text_model(config: MSPTConfig):
     return model, tok
 
 
+def _load_clip(config: MSPTConfig, hidden: int, heads: int, dropout: float):
+    """The PixelVisionEncoder of config.vision_model: a CLIPVisionModel from a local folder (nothing
+    is downloaded) or built from a config of the text stream's width and heads."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from ..nn.mspt import PixelVisionEncoder
+
+    c = config
+    if c.vision_model == "clip-config":
+        cfg = CLIPVisionConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=c.vision_layers,
+                               num_attention_heads=heads, image_size=c.clip_image_size, patch_size=c.clip_patch_size,
+                               attention_dropout=dropout)
+        model = CLIPVisionModel(cfg)
+    else:
+        model = CLIPVisionModel.from_pretrained(c.vision_model, local_files_only=True)
+        got = (model.config.hidden_size, model.config.num_attention_heads)
+        if got != (hidden, heads):
+            raise ValueError(f"config key 'vision_model': {c.vision_model} is {got[0]} wide with {got[1]} heads; the "
+                             f"text stream is {hidden} wide with {heads}: shared keys need the same")
+    if model.config.num_hidden_layers < c.shared_layers:
+        raise ValueError(f"config key 'shared_layers': {c.shared_layers} > the vision model's "
+                         f"{model.config.num_hidden_layers} layers")
+    return PixelVisionEncoder(model)
+
+
 # ------------------------------------------------------------------------------------------------
 # the method
 # ------------------------------------------------------------------------------------------------
@@ -371,7 +406,7 @@ class MSPTMethod(ContinualMethod):
 
     # -- set-up -----------------------------------------------------------------------------------
     def setup(self, stream: TaskStream) -> None:
-        from ..data.features import image_tokens
+        from ..data.features import image_pixels, image_tokens
         from ..nn.mspt import MSPTModel, TokenVisionEncoder, freeze_text
 
         c = self.config
@@ -381,19 +416,24 @@ class MSPTMethod(ContinualMethod):
         self.generator = torch.Generator().manual_seed(c.seed)
         self.trained = -1
         images = sorted({s.image for t in self.tasks for part in (t.train, t.valid or [], t.test) for s in part})
-        # before seeding: loading the image encoder draws from torch's generator, and only when the
-        # cache is cold; the initial weights must not depend on the cache
-        self.image_table, index = image_tokens(images, cache_dir=c.cache_dir or None)
-        image_row = {p: int(i) for p, i in zip(images, index)}
+        if c.vision_model == "effnet":
+            # before seeding: loading the image encoder draws from torch's generator, and only when
+            # the cache is cold; the initial weights must not depend on the cache
+            self.image_table, index = image_tokens(images, cache_dir=c.cache_dir or None)
         torch.manual_seed(c.seed)  # the initial weights of everything built here
         text, tok = _load_text_model(c)
         freeze_text(text, c.freeze_embeddings, c.train_text_layers)
         hidden, heads = text.config.hidden_size, text.config.num_attention_heads
-        vision = TokenVisionEncoder(self.image_table.shape[-1], hidden, heads, c.vision_layers,
-                                    self.image_table.shape[1], 0.1 if c.dropout is None else c.dropout)
+        dropout = 0.1 if c.dropout is None else c.dropout
+        if c.vision_model == "effnet":
+            vision = TokenVisionEncoder(self.image_table.shape[-1], hidden, heads, c.vision_layers,
+                                        self.image_table.shape[1], dropout)
+        else:
+            vision = _load_clip(c, hidden, heads, dropout)
+            self.image_table, index = image_pixels(images, vision.image_size)
+        image_row = {p: int(i) for p, i in zip(images, index)}
         self.model = MSPTModel(text, vision, self.kind, len(self.labels), shared_layers=c.shared_layers,
-                               shared_keys=c.switch("shared_keys"), text_len=c.max_len,
-                               vision_len=self.image_table.shape[1] + 1).to(self.device)
+                               shared_keys=c.switch("shared_keys"), text_len=c.max_len).to(self.device)
         self.image_table = self.image_table.to(self.device)
         enc = Encoder(tok, self.kind, self.labels, c.max_len)
         type_index = {t.entity_type: t.index for t in self.tasks} if self.kind == "ner" else {}
@@ -437,7 +477,8 @@ class MSPTMethod(ContinualMethod):
 
     def _optimizer(self) -> ModalityAdamW:
         c, m = self.config, self.model
-        streams = {"text": "text.", "vision": "vision.encoder."}
+        # everything of a stream but the shared banks (named "banks.*"), its projection and CLS too
+        streams = {"text": "text.", "vision": "vision."}
         groups: dict[str, list] = {"text": [], "vision": [], "other": []}
         for name, p in m.named_parameters():
             if not p.requires_grad:
@@ -457,7 +498,10 @@ class MSPTMethod(ContinualMethod):
 
     # -- batches ---------------------------------------------------------------------------------
     def _forward(self, net, x):
-        return net(x["input_ids"], x["attention_mask"], self.image_table[x["image"]].float(), x.get("word_index"))
+        image = self.image_table[x["image"]]
+        if image.dtype == torch.float16:  # patch tokens are cached in half precision
+            image = image.float()
+        return net(x["input_ids"], x["attention_mask"], image, x.get("word_index"))
 
     def num_batches(self, task: Task) -> int:
         return self.data[task.index]["train"].num_batches(self.config.batch_size)

@@ -7,7 +7,9 @@ per stream), with a relation head or a CRF tagging head on the fused features.
 - Vision stream (`TokenVisionEncoder`): frozen patch tokens (EfficientNet-Lite0's 7x7 map, 1280
   channels) projected to the text stream's width, a learned [CLS] token in front, then a small
   BERT-geometry transformer encoder built from a config (no pretrained ViT ships offline). Its heads
-  and head size equal the text stream's, so that the two can share key banks.
+  and head size equal the text stream's, so that the two can share key banks. Or
+  (`PixelVisionEncoder`) a transformers CLIPVisionModel on the pixels, from a user's local weights
+  or a config.
 - Heads: relation extraction on [vision CLS; text CLS]; NER per word (the word's first sub-token)
   on [text token; vision CLS], with a linear-chain CRF (pytorch-crf) decoded only when evaluating.
 
@@ -55,11 +57,52 @@ class TokenVisionEncoder(nn.Module):
         self.encoder = _bert(_bert_config(hidden, heads, layers, num_tokens + 1, 1, dropout))
         # inputs come as embeddings: the one-row word table is never read
         self.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
+        self.num_positions = num_tokens + 1
+
+    @property
+    def geometry(self) -> tuple[int, int, int]:
+        c = self.encoder.config
+        return c.num_attention_heads, c.hidden_size, c.num_hidden_layers
+
+    def patch(self, layers: int, banks, max_len: int) -> list:
+        return patch_bert(self.encoder, layers=layers, banks=banks, max_len=max_len, modality="vision")
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.proj(tokens.to(self.proj.weight.dtype))
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
         return self.encoder(inputs_embeds=x).last_hidden_state
+
+
+# CLIP's pixel normalisation (openai/clip-vit-base-patch32's preprocessor_config.json)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class PixelVisionEncoder(nn.Module):
+    """A transformers CLIPVisionModel on pixels: uint8 images [B, 3, S, S] -> states [B, 1 + P,
+    hidden] (position 0: CLIP's class token), normalised here with CLIP's mean and std."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.encoder = model
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.num_positions = getattr(model, "vision_model", model).embeddings.num_positions  # flat in transformers 5
+        self.image_size = model.config.image_size
+
+    @property
+    def geometry(self) -> tuple[int, int, int]:
+        c = self.encoder.config
+        return c.num_attention_heads, c.hidden_size, c.num_hidden_layers
+
+    def patch(self, layers: int, banks, max_len: int) -> list:
+        from .patching import patch_clip_vision
+
+        return patch_clip_vision(self.encoder, layers=layers, banks=banks, max_len=max_len, modality="vision")
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = (pixels.to(self.mean.dtype) / 255.0 - self.mean) / self.std
+        return self.encoder(pixel_values=x).last_hidden_state
 
 
 class MSPTModel(nn.Module):
@@ -69,18 +112,19 @@ class MSPTModel(nn.Module):
     (and a `crf`). `forward` returns (logits, (first-modality features, second-modality features))
     in the head's concatenation order, `modalities`, for split_head_logits."""
 
-    def __init__(self, text: nn.Module, vision: TokenVisionEncoder, kind: str, num_labels: int, *,
-                 shared_layers: int = 3, shared_keys: bool = True, text_len: int = 64, vision_len: int = 50):
+    def __init__(self, text: nn.Module, vision: nn.Module, kind: str, num_labels: int, *,
+                 shared_layers: int = 3, shared_keys: bool = True, text_len: int = 64):
         super().__init__()
         if kind not in ("re", "ner"):
             raise ValueError(f"kind must be 're' or 'ner', got {kind!r}")
         cfg = text.config
         heads, hidden = cfg.num_attention_heads, cfg.hidden_size
-        vcfg = vision.encoder.config
-        if (vcfg.num_attention_heads, vcfg.hidden_size) != (heads, hidden):
-            raise ValueError(f"the vision stream has {vcfg.num_attention_heads} heads of width {vcfg.hidden_size}; "
-                             f"the text stream {heads} of {hidden}: shared keys need the same")
-        layers = min(cfg.num_hidden_layers, vcfg.num_hidden_layers)
+        v_heads, v_hidden, v_layers = vision.geometry
+        if (v_heads, v_hidden) != (heads, hidden):
+            raise ValueError(f"the vision stream has {v_heads} heads in width {v_hidden}; the text stream {heads} "
+                             f"in {hidden}: the streams share keys and a fused head, so they need the same")
+        vision_len = vision.num_positions
+        layers = min(cfg.num_hidden_layers, v_layers)
         if not 1 <= shared_layers <= layers:
             raise ValueError(f"shared_layers must be in [1, {layers}] (the shallower stream's depth), got {shared_layers}")
         self.kind = kind
@@ -88,13 +132,14 @@ class MSPTModel(nn.Module):
         self.banks = make_banks(shared_layers, heads, max(text_len, vision_len), hidden // heads) if shared_keys else None
         self.text = text
         self.vision = vision
-        patch_bert(self.text, layers=shared_layers, banks=self.banks, max_len=text_len, modality="text")
-        patch_bert(self.vision.encoder, layers=shared_layers, banks=self.banks, max_len=vision_len, modality="vision")
+        patched = patch_bert(self.text, layers=shared_layers, banks=self.banks, max_len=text_len, modality="text")
+        patched += self.vision.patch(shared_layers, self.banks, vision_len)
         if shared_keys:
             # a patched layer keeps its key projection (same state-dict names) but reads the bank
-            for stream in (self.text, self.vision.encoder):
-                for layer in stream.encoder.layer[-shared_layers:]:
-                    layer.attention.self.key.requires_grad_(False)
+            for layer in patched:
+                for name in ("key", "k_proj"):
+                    if isinstance(getattr(layer, name, None), nn.Module):
+                        getattr(layer, name).requires_grad_(False)
         self.modalities = ("vision", "text") if kind == "re" else ("text", "vision")
         self.head = nn.Linear(2 * hidden, num_labels)
         self.crf = None
@@ -103,9 +148,9 @@ class MSPTModel(nn.Module):
 
             self.crf = CRF(num_labels, batch_first=True)
 
-    def forward(self, input_ids, attention_mask, image_tokens, word_index=None):
+    def forward(self, input_ids, attention_mask, image, word_index=None):
         text = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        vis_cls = self.vision(image_tokens)[:, 0]
+        vis_cls = self.vision(image)[:, 0]
         if self.kind == "re":
             feats = (vis_cls, text[:, 0])
             return self.head(torch.cat(feats, 1)), feats
@@ -132,4 +177,5 @@ def allowed_tags(seen_types: Sequence[str]) -> torch.Tensor:
     return torch.tensor([t == "O" or t[2:] in seen_types for t in NER_TAGS], dtype=torch.bool)
 
 
-__all__ = ["MSPTModel", "NER_TAGS", "NER_TYPES", "TokenVisionEncoder", "allowed_tags", "freeze_text"]
+__all__ = ["MSPTModel", "NER_TAGS", "NER_TYPES", "PixelVisionEncoder", "TokenVisionEncoder", "allowed_tags",
+           "freeze_text"]
