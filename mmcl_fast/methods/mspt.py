@@ -294,7 +294,9 @@ class Encoder:
                 if len(words[b]) - 1 not in ids:
                     self.truncated += 1
         else:
-            W = max(len(s.tokens) for s in samples)
+            # one width for every task (a word past max_len has no sub-token anyway), so that replay
+            # memory can hold sentences of all tasks side by side
+            W = self.max_len
             word_index = torch.full((len(samples), W), -1, dtype=torch.long)
             tags = torch.full((len(samples), W), -100, dtype=torch.long)
             for b, s in enumerate(samples):
@@ -303,9 +305,9 @@ class Encoder:
                     if w is not None and w not in seen:
                         seen.add(w)
                         word_index[b, w] = pos
-                n = len(s.tokens)
-                tags[b, :n] = torch.tensor([self.label_id[t] for t in s.tags])
-                if len(seen) < n:
+                n = min(len(s.tokens), W)
+                tags[b, :n] = torch.tensor([self.label_id[t] for t in s.tags[:n]])
+                if len(seen) < len(s.tokens):
                     self.truncated += 1
             inputs.update(word_index=word_index, tags=tags)
             targets = torch.tensor([target_of(s) for s in samples], dtype=torch.long)
@@ -348,8 +350,16 @@ def _load_text_model(config: MSPTConfig):
             model = _bert(_bert_config(c.hidden, c.heads, c.text_layers, max(c.max_len, 64), len(tok),
                                        0.1 if c.dropout is None else c.dropout))
         else:
+            import transformers
+
             kw = {} if c.dropout is None else {"hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.dropout}
-            model = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False, **kw)
+            # its report would list the pooler's weights, which add_pooling_layer=False leaves out on purpose
+            level = transformers.logging.get_verbosity()
+            transformers.logging.set_verbosity_error()
+            try:
+                model = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False, **kw)
+            finally:
+                transformers.logging.set_verbosity(level)
     if type(model).__name__ != "BertModel":
         raise ValueError(f"config key 'text_model': {path} holds a {type(model).__name__}, not a BertModel")
     missing = [m for m in RE_MARKERS if tok.convert_tokens_to_ids(m) == tok.unk_token_id]
