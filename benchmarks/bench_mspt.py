@@ -460,6 +460,8 @@ def test_mspt_step(benchmark, device, name, config):
     run_bench(benchmark, device, step, rounds=ROUNDS[config], peak_mb=peak, batch=int(batch[1].shape[0]),
               text_len=int(batch[0]["attention_mask"].sum(1).max()), hidden=int(m.model.head.weight.shape[1] // 2),
               shared_layers=c.shared_layers, noise=c.noise, dropout=c.dropout)
+    if benchmark.stats is None:  # --benchmark-disable (CI's smoke run): nothing was timed
+        return
     _MEDIANS[(config, name)] = benchmark.stats.stats.median
     if name.startswith("ours"):
         for other in ("reference", "seed_code"):

@@ -37,6 +37,7 @@ BASELINE_BY_PREFIX = {
     "E-kge-epoch": "[pykeen",
     "E-mofot-epoch": "[reference",
     "E-eval": "[pykeen",
+    "E-mspt-step": "[seed_code",
 }
 
 
