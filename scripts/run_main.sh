@@ -10,7 +10,7 @@
 # ${MMCL_FAST_MOFOT_DIR:-runs/mofot-umls}/<strategy>/seed<k>, and the table of the two
 # (comparison.md, comparison.json, comparison.png).
 # Then `mmcl-fast run mspt` in a small form (IMRE on the offline WordNet set: 5 tasks, 60 training
-# pairs per task, 2 epochs; about two minutes here) into ${MMCL_FAST_MSPT_DIR:-runs/mspt-imre}. Its
+# pairs per task, 2 epochs) into ${MMCL_FAST_MSPT_DIR:-runs/mspt-imre}. Its
 # labels are distant supervision (WordNet's links), not annotation.
 # MMCL_FAST_MAIN_BENCH=1 then also runs the benchmarks of every op family and prints their table.
 set -euo pipefail
